@@ -1,0 +1,225 @@
+//! The admin API: JSON over HTTP with a bearer token on everything under `/v1`. `app(fleet)`
+//! builds the whole router, so tests drive it with `tower::ServiceExt::oneshot`.
+//! Errors are mapped to statuses in one place ([`AppError`]).
+
+use crate::fleet::{ErrorKind, Fleet, FleetError, NewTenant};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+pub type AppState = Arc<Fleet>;
+
+/// Largest request body the admin API reads.
+const MAX_BODY: usize = 1024 * 1024;
+
+pub fn app(fleet: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/pods", get(list_pods))
+        .route("/tenants", get(list_tenants).post(create_tenant))
+        .route("/tenants/{tenant}", get(get_tenant).delete(delete_tenant))
+        .route("/roles", post(put_role))
+        .route("/audit", get(audit))
+        .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(fleet.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(fleet)
+}
+
+// === impl AppError ===
+
+pub struct AppError(pub StatusCode, pub &'static str, pub String);
+
+impl From<FleetError> for AppError {
+    fn from(e: FleetError) -> Self {
+        let status = match e.kind {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        AppError(status, e.code, e.message)
+    }
+}
+
+impl From<JsonRejection> for AppError {
+    fn from(e: JsonRejection) -> Self {
+        AppError(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("{}; send a JSON body as documented at /v1", e.body_text()),
+        )
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({"error": {"code": self.1, "message": self.2}})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, AppError>;
+
+async fn not_found() -> AppError {
+    AppError(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see the admin API in the README".into(),
+    )
+}
+
+fn token_matches(expected: &str, got: &str) -> bool {
+    // Constant-time in the token's content.
+    expected.len() == got.len()
+        && expected
+            .bytes()
+            .zip(got.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0
+}
+
+async fn require_token(State(fleet): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(expected) = fleet.admin_token.as_deref() else {
+        return next.run(req).await; // no token configured: loopback-only (enforced by config)
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if token_matches(expected, t.trim()) => next.run(req).await,
+        Some(_) => AppError(
+            StatusCode::FORBIDDEN,
+            "bad_token",
+            "the bearer token is wrong; use the one in router.admin_token_file".into(),
+        )
+        .into_response(),
+        None => AppError(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            "send `Authorization: Bearer <token>` (the token is in router.admin_token_file)".into(),
+        )
+        .into_response(),
+    }
+}
+
+async fn readyz(State(fleet): State<AppState>) -> Response {
+    match sqlx::query("SELECT 1").execute(fleet.catalog.pool()).await {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => AppError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catalog_unavailable",
+            format!("the catalog does not answer: {e}"),
+        )
+        .into_response(),
+    }
+}
+
+async fn list_pods(State(fleet): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(json!({ "pods": fleet.pods().await? })))
+}
+
+async fn list_tenants(State(fleet): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(json!({ "tenants": fleet.tenants().await? })))
+}
+
+async fn get_tenant(
+    State(fleet): State<AppState>,
+    Path(tenant): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(json!(fleet.tenant(&tenant).await?)))
+}
+
+async fn create_tenant(
+    State(fleet): State<AppState>,
+    body: Result<Json<NewTenant>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let Json(req) = body?;
+    let t = fleet.create_tenant(req, "admin-api").await?;
+    Ok((StatusCode::CREATED, Json(json!(t))))
+}
+
+#[derive(Deserialize)]
+struct DeleteParams {
+    #[serde(default)]
+    drop_database: bool,
+}
+
+async fn delete_tenant(
+    State(fleet): State<AppState>,
+    Path(tenant): Path<String>,
+    Query(p): Query<DeleteParams>,
+) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(
+        fleet
+            .delete_tenant(&tenant, p.drop_database, "admin-api")
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRole {
+    name: String,
+    password: String,
+}
+
+async fn put_role(
+    State(fleet): State<AppState>,
+    body: Result<Json<NewRole>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let Json(r) = body?;
+    fleet.put_role(&r.name, &r.password, "admin-api").await?;
+    Ok((StatusCode::CREATED, Json(json!({"name": r.name}))))
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    #[serde(default = "default_limit")]
+    limit: i64,
+}
+
+fn default_limit() -> i64 {
+    100
+}
+
+async fn audit(
+    State(fleet): State<AppState>,
+    Query(p): Query<AuditParams>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let entries = fleet
+        .catalog
+        .audit_entries(p.limit.clamp(1, 1000))
+        .await
+        .map_err(FleetError::from)?;
+    Ok(Json(json!({ "entries": entries })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_compare() {
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abc", "abd"));
+        assert!(!token_matches("abc", "ab"));
+    }
+}

@@ -1,0 +1,469 @@
+//! The Fleet: the router's control plane in one place — the catalog, the published
+//! RoutingTable, the proxy, and the operations the admin API and the demo perform (roles,
+//! tenants, pods). Every mutation is checked first, applied so that a failure leaves nothing
+//! half-done, audited, and announced to every router with NOTIFY.
+
+use crate::catalog::{Catalog, CatalogError, PodRow, TenantRow};
+use crate::config::{self, Config};
+use crate::podadmin;
+use crate::protocol::scram::Verifier;
+use crate::proxy::Proxy;
+use crate::routing::placement::{self, Candidate};
+use crate::routing::{RoutingTable, SharedTable};
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What kind of failure, which decides the HTTP status in one place (admin::AppError).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    NotFound,
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+/// A control-plane error: a stable snake_case code and a message that says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct FleetError {
+    pub kind: ErrorKind,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FleetError {
+    pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
+        FleetError {
+            kind,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<CatalogError> for FleetError {
+    fn from(e: CatalogError) -> Self {
+        FleetError::new(
+            ErrorKind::Unavailable,
+            "catalog_unavailable",
+            format!("{e}"),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTenant {
+    pub name: String,
+    /// Place on this pod instead of asking the placement ring.
+    #[serde(default)]
+    pub pod: Option<String>,
+    /// Roles that may reach the tenant; the first owns its database.
+    pub roles: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PodView {
+    pub name: String,
+    /// The primary's URL with any password redacted.
+    pub primary: String,
+    pub replicas: Vec<String>,
+    pub http: Vec<String>,
+    pub weight: f64,
+    pub accepting: bool,
+    pub tenants: usize,
+    pub health: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantView {
+    pub name: String,
+    pub pod: String,
+    pub route_version: i64,
+    pub state: String,
+    pub roles: Vec<String>,
+}
+
+impl From<TenantRow> for TenantView {
+    fn from(t: TenantRow) -> Self {
+        TenantView {
+            name: t.name,
+            pod: t.pod,
+            route_version: t.route_version,
+            state: t.state,
+            roles: t.roles,
+        }
+    }
+}
+
+pub struct Fleet {
+    pub catalog: Catalog,
+    pub table: SharedTable,
+    pub proxy: Arc<Proxy>,
+    pub config: ArcSwap<Config>,
+    pub config_path: Option<PathBuf>,
+    pub admin_token: Option<String>,
+}
+
+impl Fleet {
+    pub fn new(catalog: Catalog, config: Config, config_path: Option<PathBuf>) -> Fleet {
+        let admin_token = config.admin_token(config_path.as_deref().and_then(|p| p.parent()));
+        let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
+        let proxy = Arc::new(Proxy::new(table.clone(), &config));
+        Fleet {
+            catalog,
+            table,
+            proxy,
+            config: ArcSwap::from_pointee(config),
+            config_path,
+            admin_token,
+        }
+    }
+
+    /// Rebuilds the RoutingTable from the catalog and publishes it (build → store; old
+    /// sessions drain on the routes they hold).
+    pub async fn reload_routes(&self) -> Result<(), FleetError> {
+        let snap = self.catalog.snapshot().await?;
+        self.table.store(Arc::new(RoutingTable::build(&snap)));
+        Ok(())
+    }
+
+    /// Writes the config's pods into the catalog (the config wins for the fields it sets).
+    pub async fn sync_pods_from_config(&self) -> Result<(), FleetError> {
+        let config = self.config.load();
+        for p in &config.pods {
+            self.catalog
+                .upsert_pod(&PodRow {
+                    name: p.name.clone(),
+                    primary_url: p.primary.clone(),
+                    replicas: p.replicas.clone(),
+                    http: p.http.clone(),
+                    weight: p.weight,
+                    accepting: p.accepting,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn pods(&self) -> Result<Vec<PodView>, FleetError> {
+        let snap = self.catalog.snapshot().await?;
+        let checks = snap.pods.iter().map(|p| {
+            let url = p.primary_url.clone();
+            async move { podadmin::health(&url, Duration::from_secs(2)).await }
+        });
+        let health = futures_join_all(checks).await;
+        Ok(snap
+            .pods
+            .iter()
+            .zip(health)
+            .map(|(p, health)| PodView {
+                name: p.name.clone(),
+                primary: config::redact(&p.primary_url),
+                replicas: p.replicas.iter().map(|r| config::redact(r)).collect(),
+                http: p.http.clone(),
+                weight: p.weight,
+                accepting: p.accepting,
+                tenants: snap.tenants.iter().filter(|t| t.pod == p.name).count(),
+                health,
+            })
+            .collect())
+    }
+
+    pub async fn tenants(&self) -> Result<Vec<TenantView>, FleetError> {
+        Ok(self
+            .catalog
+            .snapshot()
+            .await?
+            .tenants
+            .into_iter()
+            .map(Into::into)
+            .collect())
+    }
+
+    pub async fn tenant(&self, name: &str) -> Result<TenantView, FleetError> {
+        self.catalog
+            .tenant(name)
+            .await?
+            .map(Into::into)
+            .ok_or_else(|| unknown_tenant(name))
+    }
+
+    /// Creates or updates a client role; only its SCRAM verifier is kept. Pods that already
+    /// serve tenants granted to the role get the new verifier too.
+    pub async fn put_role(
+        &self,
+        name: &str,
+        password: &str,
+        actor: &str,
+    ) -> Result<(), FleetError> {
+        if name.is_empty() || name.len() > 63 || name.contains('\0') || name.starts_with("pg_") {
+            return Err(FleetError::new(
+                ErrorKind::BadRequest,
+                "invalid_role_name",
+                format!("role name {name:?} is not usable: use 1 to 63 characters, not starting with pg_"),
+            ));
+        }
+        if password.len() < 4 {
+            return Err(FleetError::new(
+                ErrorKind::BadRequest,
+                "weak_password",
+                "the password must have at least 4 characters",
+            ));
+        }
+        let verifier = Verifier::generate(password);
+        let snap = self.catalog.snapshot().await?;
+        let pods: std::collections::BTreeSet<&str> = snap
+            .tenants
+            .iter()
+            .filter(|t| t.roles.iter().any(|r| r == name))
+            .map(|t| t.pod.as_str())
+            .collect();
+        for pod in pods {
+            let url = &snap
+                .pods
+                .iter()
+                .find(|p| p.name == pod)
+                .expect("tenant's pod exists")
+                .primary_url;
+            let mut conn = podadmin::connect(url, None)
+                .await
+                .map_err(|e| pod_unreachable(pod, &e))?;
+            podadmin::ensure_role(&mut conn, name, &verifier)
+                .await
+                .map_err(|e| pod_failed(pod, &e))?;
+        }
+        self.catalog.upsert_role(name, &verifier, actor).await?;
+        self.reload_routes().await
+    }
+
+    pub async fn create_tenant(
+        &self,
+        req: NewTenant,
+        actor: &str,
+    ) -> Result<TenantView, FleetError> {
+        let name = req.name.as_str();
+        if !config::valid_name(name) || ["postgres", "template0", "template1"].contains(&name) {
+            return Err(FleetError::new(
+                ErrorKind::BadRequest,
+                "invalid_tenant_name",
+                format!("tenant name {name:?} is not usable: {}", config::NAME_RULE),
+            ));
+        }
+        if req.roles.is_empty() {
+            return Err(FleetError::new(
+                ErrorKind::BadRequest,
+                "no_roles",
+                "a tenant needs at least one role: create one with `podrouter roles create NAME` (POST /v1/roles) and pass it in \"roles\"",
+            ));
+        }
+        let snap = self.catalog.snapshot().await?;
+        if snap.tenants.iter().any(|t| t.name == name) {
+            return Err(FleetError::new(
+                ErrorKind::Conflict,
+                "tenant_exists",
+                format!("tenant {name:?} already exists"),
+            ));
+        }
+        let mut verifiers = Vec::new();
+        for r in &req.roles {
+            match snap.roles.iter().find(|x| &x.name == r) {
+                Some(row) => verifiers.push((row.name.clone(), row.verifier.clone())),
+                None => {
+                    return Err(FleetError::new(
+                        ErrorKind::BadRequest,
+                        "unknown_role",
+                        format!("role {r:?} does not exist: create it first with `podrouter roles create {r}`"),
+                    ))
+                }
+            }
+        }
+        let pod = match &req.pod {
+            Some(p) => snap
+                .pods
+                .iter()
+                .find(|x| &x.name == p)
+                .ok_or_else(|| unknown_pod(p))?,
+            None => {
+                let candidates: Vec<Candidate<'_>> = snap
+                    .pods
+                    .iter()
+                    .map(|p| Candidate {
+                        name: &p.name,
+                        weight: p.weight,
+                        accepting: p.accepting,
+                    })
+                    .collect();
+                let chosen = placement::place(name, &candidates).ok_or_else(|| {
+                    FleetError::new(
+                        ErrorKind::Conflict,
+                        "no_pod_accepts_tenants",
+                        "no pod accepts new tenants: add a pod or set accepting = true on one",
+                    )
+                })?;
+                snap.pods
+                    .iter()
+                    .find(|p| p.name == chosen)
+                    .expect("placed on a listed pod")
+            }
+        };
+        let mut conn = podadmin::connect(&pod.primary_url, None)
+            .await
+            .map_err(|e| pod_unreachable(&pod.name, &e))?;
+        if podadmin::database_exists(&mut conn, name)
+            .await
+            .map_err(|e| pod_failed(&pod.name, &e))?
+        {
+            return Err(FleetError::new(
+                ErrorKind::Conflict,
+                "database_exists_on_pod",
+                format!("pod {:?} already has a database named {name:?} that the catalog does not know; drop or rename it there first", pod.name),
+            ));
+        }
+        // Catalog row first (state 'creating', not routable), then the pod, then 'active'.
+        // Any failure after the row exists undoes both sides.
+        self.catalog
+            .insert_creating_tenant(name, &pod.name, &req.roles)
+            .await
+            .map_err(|e| {
+                if let CatalogError::Query(sqlx::Error::Database(d)) = &e {
+                    if d.is_unique_violation() {
+                        return FleetError::new(
+                            ErrorKind::Conflict,
+                            "tenant_exists",
+                            format!("tenant {name:?} already exists"),
+                        );
+                    }
+                }
+                e.into()
+            })?;
+        let on_pod = async {
+            for (role, verifier) in &verifiers {
+                podadmin::ensure_role(&mut conn, role, verifier).await?;
+            }
+            podadmin::create_database(&mut conn, name, &req.roles[0], &req.roles).await
+        };
+        if let Err(e) = on_pod.await {
+            let _ = podadmin::drop_database(&mut conn, name).await;
+            let _ = self
+                .catalog
+                .delete_tenant(name, actor, serde_json::json!({"rolled_back": true}))
+                .await;
+            return Err(pod_failed(&pod.name, &e));
+        }
+        self.catalog
+            .activate_tenant(name, actor, serde_json::json!({"pod": pod.name, "roles": req.roles, "placed_by": if req.pod.is_some() { "request" } else { "ring" }}))
+            .await?;
+        self.reload_routes().await?;
+        self.tenant(name).await
+    }
+
+    /// Deletes a tenant from the catalog. Its database stays on the pod unless
+    /// `drop_database` is set.
+    pub async fn delete_tenant(
+        &self,
+        name: &str,
+        drop_database: bool,
+        actor: &str,
+    ) -> Result<serde_json::Value, FleetError> {
+        let snap = self.catalog.snapshot().await?;
+        let t = snap
+            .tenants
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| unknown_tenant(name))?;
+        if drop_database {
+            let pod = snap
+                .pods
+                .iter()
+                .find(|p| p.name == t.pod)
+                .ok_or_else(|| unknown_pod(&t.pod))?;
+            let mut conn = podadmin::connect(&pod.primary_url, None)
+                .await
+                .map_err(|e| pod_unreachable(&pod.name, &e))?;
+            podadmin::drop_database(&mut conn, name)
+                .await
+                .map_err(|e| pod_failed(&pod.name, &e))?;
+        }
+        self.catalog
+            .delete_tenant(
+                name,
+                actor,
+                serde_json::json!({"pod": t.pod, "database_dropped": drop_database}),
+            )
+            .await?;
+        self.reload_routes().await?;
+        Ok(serde_json::json!({
+            "deleted": name,
+            "pod": t.pod,
+            "database_dropped": drop_database,
+        }))
+    }
+
+    /// Finishes what a crash interrupted: tenants left in 'creating' are rolled back.
+    pub async fn sweep_interrupted(&self) -> Result<(), FleetError> {
+        for t in self.catalog.tenants_in_state("creating").await? {
+            tracing::warn!(tenant = %t.name, "rolling back a tenant creation interrupted by a crash");
+            if let Some(pod) = self.table.load().pods.get(&t.pod) {
+                if let Ok(mut conn) = podadmin::connect(&pod.admin_url, None).await {
+                    let _ = podadmin::drop_database(&mut conn, &t.name).await;
+                }
+            }
+            self.catalog
+                .delete_tenant(
+                    &t.name,
+                    "podrouter",
+                    serde_json::json!({"rolled_back": "interrupted creation"}),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = String> + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<String> {
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.unwrap_or_else(|e| format!("down: {e}")));
+    }
+    out
+}
+
+fn unknown_tenant(name: &str) -> FleetError {
+    FleetError::new(
+        ErrorKind::NotFound,
+        "unknown_tenant",
+        format!("tenant {name:?} does not exist; list tenants with GET /v1/tenants"),
+    )
+}
+
+fn unknown_pod(name: &str) -> FleetError {
+    FleetError::new(
+        ErrorKind::NotFound,
+        "unknown_pod",
+        format!("pod {name:?} does not exist; list pods with GET /v1/pods"),
+    )
+}
+
+fn pod_unreachable(pod: &str, e: &sqlx::Error) -> FleetError {
+    FleetError::new(
+        ErrorKind::Unavailable,
+        "pod_unreachable",
+        format!("pod {pod:?} cannot be reached: {e}; check that it is up"),
+    )
+}
+
+fn pod_failed(pod: &str, e: &sqlx::Error) -> FleetError {
+    FleetError::new(
+        ErrorKind::Internal,
+        "pod_operation_failed",
+        format!("pod {pod:?} refused the operation: {e}; nothing was kept"),
+    )
+}

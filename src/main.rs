@@ -1,0 +1,305 @@
+//! The `podrouter` command line: parse arguments, build the config, call into the library.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use podrouter::cli::{print_table, AdminClient};
+use podrouter::config::{Config, PoolMode};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "podrouter",
+    version,
+    about = "Tenant-aware router for fleets of PostgreSQL pods"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    admin: AdminArgs,
+}
+
+#[derive(Args, Clone)]
+struct AdminArgs {
+    /// Admin API URL.
+    #[arg(long, global = true, env = "PODROUTER_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// Admin API bearer token.
+    #[arg(
+        long,
+        global = true,
+        env = "PODROUTER_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+    /// Take the admin URL and token from a running `podrouter demo --dir DIR`.
+    #[arg(long, global = true, env = "PODROUTER_DEMO_DIR")]
+    demo_dir: Option<PathBuf>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the router with a config file (the production entry point).
+    Serve {
+        #[arg(long, default_value = "pods.toml")]
+        config: PathBuf,
+    },
+    /// Start local Postgres pods, a catalog, sample tenants and a router: the embedded default.
+    Demo(DemoCli),
+    /// Validate a config file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// List, show, create or delete tenants.
+    Tenants {
+        #[command(subcommand)]
+        command: Option<TenantsCommand>,
+    },
+    /// List pods with their health and tenant counts.
+    Pods,
+    /// Create or update client roles (only a SCRAM verifier is stored).
+    Roles {
+        #[command(subcommand)]
+        command: RolesCommand,
+    },
+}
+
+#[derive(Args)]
+struct DemoCli {
+    /// Directory for the demo's clusters, config and ready.json (reused by a second run).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("podrouter-demo"))]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pods: usize,
+    #[arg(long, default_value_t = 4)]
+    tenants: usize,
+    #[arg(long, default_value = "127.0.0.1:6432")]
+    listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:9930")]
+    admin_listen: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+    #[arg(long, default_value = "transaction")]
+    pool_mode: PoolMode,
+    #[arg(long, default_value_t = 20)]
+    pool_size: u32,
+    /// Streaming replicas per pod.
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Parse and validate a config; exit 0 when it is usable.
+    Check { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    List,
+    Show {
+        tenant: String,
+    },
+    /// Create a tenant: its database on a pod (placed by the hash ring unless --pod) and grants.
+    Create {
+        tenant: String,
+        /// Role that may reach the tenant (repeat for more; the first owns the database).
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        #[arg(long)]
+        pod: Option<String>,
+    },
+    /// Remove a tenant from the catalog (its database stays unless --drop-database).
+    Delete {
+        tenant: String,
+        #[arg(long)]
+        drop_database: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolesCommand {
+    Create {
+        name: String,
+        #[arg(long, env = "PODROUTER_ROLE_PASSWORD", hide_env_values = true)]
+        password: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("podrouter: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let admin = cli.admin;
+    match cli.command {
+        Command::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            let listeners = podrouter::service::Listeners::bind(&cfg).await?;
+            let running = podrouter::service::start(cfg, Some(config), listeners).await?;
+            wait_for_stop().await;
+            running.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(d) => {
+            podrouter::demo::run(podrouter::demo::DemoOptions {
+                dir: d.dir,
+                pods: d.pods,
+                tenants: d.tenants,
+                listen: d.listen,
+                admin_listen: d.admin_listen,
+                http_listen: d.http_listen,
+                pool_mode: d.pool_mode,
+                pool_size: d.pool_size,
+                replicas: d.replicas,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} pods, pool mode {}, pool size {})",
+                    file.display(),
+                    c.pods.len(),
+                    c.pool.mode,
+                    c.pool.size
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::from(2))
+            }
+        },
+        Command::Tenants { command } => {
+            let client = client(&admin)?;
+            let (v, list) = match command.unwrap_or(TenantsCommand::List) {
+                TenantsCommand::List => (
+                    client.call(Method::GET, "/v1/tenants", None).await?,
+                    Some("tenants"),
+                ),
+                TenantsCommand::Show { tenant } => (
+                    client
+                        .call(Method::GET, &format!("/v1/tenants/{tenant}"), None)
+                        .await?,
+                    None,
+                ),
+                TenantsCommand::Create { tenant, roles, pod } => (
+                    client
+                        .call(
+                            Method::POST,
+                            "/v1/tenants",
+                            Some(json!({"name": tenant, "roles": roles, "pod": pod})),
+                        )
+                        .await?,
+                    None,
+                ),
+                TenantsCommand::Delete {
+                    tenant,
+                    drop_database,
+                } => (
+                    client
+                        .call(
+                            Method::DELETE,
+                            &format!("/v1/tenants/{tenant}?drop_database={drop_database}"),
+                            None,
+                        )
+                        .await?,
+                    None,
+                ),
+            };
+            output(
+                &admin,
+                &v,
+                list,
+                &["name", "pod", "route_version", "state", "roles"],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pods => {
+            let v = client(&admin)?.call(Method::GET, "/v1/pods", None).await?;
+            output(
+                &admin,
+                &v,
+                Some("pods"),
+                &[
+                    "name",
+                    "primary",
+                    "weight",
+                    "accepting",
+                    "tenants",
+                    "health",
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Roles {
+            command: RolesCommand::Create { name, password },
+        } => {
+            let v = client(&admin)?
+                .call(
+                    Method::POST,
+                    "/v1/roles",
+                    Some(json!({"name": name, "password": password})),
+                )
+                .await?;
+            output(&admin, &v, None, &["name"]);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn client(a: &AdminArgs) -> anyhow::Result<AdminClient> {
+    AdminClient::new(a.admin_url.clone(), a.token.clone(), a.demo_dir.clone())
+        .context("admin API client")
+}
+
+fn output(a: &AdminArgs, v: &Value, list: Option<&str>, columns: &[&str]) {
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+        return;
+    }
+    match list {
+        Some(key) => print_table(v[key].as_array().map(Vec::as_slice).unwrap_or(&[]), columns),
+        None => print_table(std::slice::from_ref(v), columns),
+    }
+}
+
+async fn wait_for_stop() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
+}

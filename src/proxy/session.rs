@@ -1,0 +1,546 @@
+//! One client session after authentication: attach a server connection, relay bytes both
+//! ways, and give the server back at the right moment — at the end of each transaction in
+//! transaction mode, when the client leaves in session mode.
+//!
+//! The relay parses only message headers (tag and length) on the way through, and bodies of
+//! the few server messages it must read (ReadyForQuery, ParameterStatus). Large messages are
+//! passed through in pieces, so a huge row or COPY stream never sits whole in memory. One
+//! event loop polls reads and writes of both sockets at once, with bounded buffers, so
+//! neither side can block the other into a deadlock.
+
+use super::cancel::{send_cancel, BackendTarget, CancelSlot};
+use super::pool::{Checkout, CheckoutError, Pool, PoolKey};
+use super::startup::Authenticated;
+use super::Proxy;
+use crate::config::PoolMode;
+use crate::protocol::backend::{self, RouterError};
+use crate::protocol::framing::{self, FrameError};
+use crate::protocol::sqlstate;
+use bytes::BytesMut;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Bytes queued towards one side before the relay stops reading from the other.
+const HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 32 * 1024;
+
+/// How a stretch of relaying with one server connection ended.
+enum Attached {
+    /// Transaction mode: the transaction ended and the server went back to the pool.
+    Released,
+    /// The client sent Terminate or closed its socket.
+    ClientGone,
+    /// The server closed or failed; the client must be told and closed.
+    ServerGone,
+    /// The client broke the protocol; it has been sent a FATAL error.
+    ClientBroke(RouterError),
+    /// The router is shutting down and the session was at a clean point.
+    Shutdown,
+}
+
+/// Per-direction scanning state.
+#[derive(Default)]
+struct Scan {
+    /// Bytes of the current message still to pass through (a large message in pieces).
+    remaining: usize,
+}
+
+pub struct Session<'a> {
+    proxy: &'a Proxy,
+    client: TcpStream,
+    auth: Authenticated,
+    slot: Arc<CancelSlot>,
+    client_id: u64,
+    params_gen: u64,
+    pool: Arc<Pool>,
+    route: Arc<crate::routing::TenantRoute>,
+    /// Bytes read from the client, not yet scanned.
+    cin: BytesMut,
+    /// Scanned client bytes waiting to be written to the server.
+    cout: BytesMut,
+    sin: BytesMut,
+    sout: BytesMut,
+    cscan: Scan,
+    sscan: Scan,
+    /// Queries and Syncs sent whose ReadyForQuery has not come back.
+    pending: u32,
+    /// Messages sent since the last Sync/Query (an extended-protocol batch in progress).
+    unsynced: bool,
+    status: u8,
+    terminate: bool,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(
+        proxy: &'a Proxy,
+        client: TcpStream,
+        auth: Authenticated,
+        slot: Arc<CancelSlot>,
+        client_id: u64,
+        pool: Arc<Pool>,
+        leftover: BytesMut,
+    ) -> Self {
+        let route = auth.tenant.clone();
+        Session {
+            proxy,
+            client,
+            auth,
+            slot,
+            client_id,
+            params_gen: 0,
+            pool,
+            route,
+            cin: leftover,
+            cout: BytesMut::new(),
+            sin: BytesMut::with_capacity(READ_CHUNK),
+            sout: BytesMut::new(),
+            cscan: Scan::default(),
+            sscan: Scan::default(),
+            pending: 0,
+            unsynced: false,
+            status: b'I',
+            terminate: false,
+        }
+    }
+
+    fn mode(&self) -> PoolMode {
+        self.proxy.settings().mode
+    }
+
+    /// Server connection for the client's next stretch of work, with its session
+    /// parameters brought in line. Re-reads the route so a changed route takes effect at the
+    /// next transaction.
+    async fn attach(&mut self) -> Result<Checkout, RouterError> {
+        let table = self.proxy.table.load();
+        if let Some(current) = table.tenant(&self.route.name) {
+            if !Arc::ptr_eq(current, &self.route) {
+                if current.pod.name != self.route.pod.name
+                    || current.pod.primary != self.route.pod.primary
+                {
+                    self.pool = self.proxy.pool_for(current, &self.auth.role);
+                    self.pool
+                        .remember_auth(self.auth.client_key, &self.auth.role.verifier);
+                }
+                self.route = current.clone();
+            }
+        }
+        drop(table);
+        let settings = self.proxy.settings();
+        let mut co = self.pool.checkout(&settings.limits).await.map_err(|e| match e {
+            CheckoutError::Timeout { size, waited } => RouterError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "podrouter: no server connection for tenant \"{}\" within {waited:?}: all {size} are busy",
+                    self.route.name
+                ),
+            )
+            .with_hint("Retry later, or raise pool.size for this tenant."),
+            CheckoutError::Server(e) => {
+                tracing::warn!(tenant = %self.route.name, pod = %self.route.pod.name, "server connection failed: {e}");
+                super::server::client_error(&self.route.name, &e)
+            }
+        })?;
+        if co.conn.synced_for != Some((self.client_id, self.params_gen)) {
+            if let Err(e) = co
+                .conn
+                .sync_params(&self.auth.params, settings.limits.connect_timeout)
+                .await
+            {
+                return Err(match e {
+                    super::server::ServerError::Postgres(pg) => RouterError::fatal(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        format!(
+                            "podrouter: cannot apply your session settings: {}",
+                            pg.message
+                        ),
+                    ),
+                    other => super::server::client_error(&self.route.name, &other),
+                });
+            }
+            co.conn.synced_for = Some((self.client_id, self.params_gen));
+        }
+        self.slot.attach(BackendTarget {
+            addr: co.conn.addr,
+            pid: co.conn.backend_pid,
+            secret: co.conn.backend_secret,
+        });
+        Ok(co)
+    }
+
+    fn release(&mut self, co: Checkout) {
+        self.slot.detach();
+        self.pool.release(co);
+    }
+
+    /// Sends the rest of the startup (AuthenticationOk, parameters, key, ReadyForQuery) and
+    /// relays until the session ends.
+    pub async fn run(mut self, key: (i32, i32), shutdown: CancellationToken) {
+        let first = match self.attach().await {
+            Ok(co) => co,
+            Err(e) => return self.fail(e).await,
+        };
+        let mut out = BytesMut::new();
+        backend::authentication_sasl_final(&mut out, self.auth.server_final.as_bytes());
+        backend::authentication_ok(&mut out);
+        for (name, value) in &first.conn.params {
+            backend::parameter_status(&mut out, name, value);
+        }
+        backend::backend_key_data(&mut out, key.0, key.1);
+        backend::ready_for_query(&mut out, b'I');
+        if self.client.write_all(&out).await.is_err() {
+            return self.finish_server(first).await;
+        }
+        let mut server = match self.mode() {
+            PoolMode::Session => Some(first),
+            PoolMode::Transaction => {
+                self.release(first);
+                None
+            }
+        };
+        loop {
+            let co = match server.take() {
+                Some(co) => co,
+                None => match self.idle(&shutdown).await {
+                    Idle::Work => match self.attach().await {
+                        Ok(co) => co,
+                        Err(e) => return self.fail(e).await,
+                    },
+                    Idle::End(Some(e)) => return self.fail(e).await,
+                    Idle::End(None) => return,
+                },
+            };
+            let (outcome, co) = self.relay(co, &shutdown).await;
+            match outcome {
+                Attached::Released => {
+                    self.release(co);
+                }
+                Attached::ClientGone => return self.finish_server(co).await,
+                Attached::Shutdown => {
+                    self.finish_server(co).await;
+                    return self.fail(shutting_down()).await;
+                }
+                Attached::ServerGone => {
+                    self.slot.detach();
+                    drop(co);
+                    let _ = self.flush_to_client().await;
+                    let e = RouterError::fatal(
+                        sqlstate::CONNECTION_FAILURE,
+                        format!(
+                            "podrouter: lost the server connection of tenant \"{}\"",
+                            self.route.name
+                        ),
+                    )
+                    .with_hint("The pod closed the connection or went down; reconnect and retry.");
+                    return self.fail(e).await;
+                }
+                Attached::ClientBroke(e) => {
+                    self.finish_server(co).await;
+                    return self.fail(e).await;
+                }
+            }
+        }
+    }
+
+    /// The server is clean when no request is outstanding and no transaction is open.
+    fn server_clean(&self) -> bool {
+        self.pending == 0
+            && self.status == b'I'
+            && !self.unsynced
+            && self.cscan.remaining == 0
+            && self.sscan.remaining == 0
+            && self.cout.is_empty()
+    }
+
+    /// Gives the server back when the client leaves: clean ones are reset (session mode) and
+    /// pooled; anything mid-request is cancelled and closed.
+    async fn finish_server(&mut self, mut co: Checkout) {
+        self.slot.detach();
+        if !self.server_clean() {
+            if self.pending > 0 {
+                send_cancel(BackendTarget {
+                    addr: co.conn.addr,
+                    pid: co.conn.backend_pid,
+                    secret: co.conn.backend_secret,
+                })
+                .await;
+            }
+            return; // dropping `co` closes the connection; the backend rolls back
+        }
+        if self.mode() == PoolMode::Session {
+            let s = self.proxy.settings();
+            if co
+                .conn
+                .simple_query(&s.reset_query, s.limits.connect_timeout)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            co.conn.synced_for = None;
+        }
+        self.pool.release(co);
+    }
+
+    async fn fail(mut self, e: RouterError) {
+        let mut out = BytesMut::new();
+        e.encode(&mut out);
+        let _ = self.client.write_all(&out).await;
+        let _ = self.client.shutdown().await;
+    }
+
+    async fn flush_to_client(&mut self) -> std::io::Result<()> {
+        while !self.sout.is_empty() {
+            self.client.write_buf(&mut self.sout).await?;
+        }
+        Ok(())
+    }
+
+    /// Client → server: moves whole or partial messages from `cin` to `cout`, counting
+    /// Query/Sync and dropping Terminate.
+    fn scan_client(&mut self) -> Result<(), FrameError> {
+        loop {
+            if self.cscan.remaining > 0 {
+                let n = self.cscan.remaining.min(self.cin.len());
+                if n == 0 {
+                    return Ok(());
+                }
+                forward(&mut self.cin, &mut self.cout, n);
+                self.cscan.remaining -= n;
+                continue;
+            }
+            if self.terminate {
+                self.cin.clear();
+                return Ok(());
+            }
+            let Some(h) = framing::peek_header(&self.cin)? else {
+                return Ok(());
+            };
+            if !framing::is_frontend_tag(h.tag) || h.tag == b'p' {
+                return Err(FrameError::UnknownFrontendTag(h.tag));
+            }
+            match h.tag {
+                b'X' => {
+                    self.terminate = true;
+                    continue;
+                }
+                b'Q' | b'S' => {
+                    self.pending += 1;
+                    self.unsynced = false;
+                }
+                _ => self.unsynced = true,
+            }
+            let n = h.wire_len.min(self.cin.len());
+            forward(&mut self.cin, &mut self.cout, n);
+            self.cscan.remaining = h.wire_len - n;
+        }
+    }
+
+    /// Server → client: moves messages from `sin` to `sout`, reading ReadyForQuery and
+    /// ParameterStatus on the way. Returns true at a point where the server may be released
+    /// (transaction mode).
+    fn scan_server(&mut self, co: &mut Checkout) -> Result<bool, FrameError> {
+        loop {
+            if self.sscan.remaining > 0 {
+                let n = self.sscan.remaining.min(self.sin.len());
+                if n == 0 {
+                    return Ok(false);
+                }
+                forward(&mut self.sin, &mut self.sout, n);
+                self.sscan.remaining -= n;
+                continue;
+            }
+            let Some(h) = framing::peek_header(&self.sin)? else {
+                return Ok(false);
+            };
+            match h.tag {
+                b'Z' | b'S' => {
+                    if self.sin.len() < h.wire_len {
+                        return Ok(false);
+                    }
+                    let body = &self.sin[5..h.wire_len];
+                    if h.tag == b'Z' {
+                        self.status = body.first().copied().unwrap_or(b'I');
+                        self.pending = self.pending.saturating_sub(1);
+                    } else if let Some((name, value)) = parameter_status(body) {
+                        co.conn.set_param(&name, &value);
+                        self.remember_param(&name, &value);
+                    }
+                    forward(&mut self.sin, &mut self.sout, h.wire_len);
+                    if h.tag == b'Z' && self.mode() == PoolMode::Transaction && self.server_clean()
+                    {
+                        return Ok(true);
+                    }
+                }
+                _ => {
+                    let n = h.wire_len.min(self.sin.len());
+                    forward(&mut self.sin, &mut self.sout, n);
+                    self.sscan.remaining = h.wire_len - n;
+                }
+            }
+        }
+    }
+
+    /// A parameter the server reported while this client held it (e.g. after SET) is the
+    /// client's from now on, and follows it to other server connections.
+    fn remember_param(&mut self, name: &str, value: &str) {
+        if !self
+            .auth
+            .params
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(name))
+            && !TRACKED.iter().any(|t| t.eq_ignore_ascii_case(name))
+        {
+            return;
+        }
+        match self
+            .auth
+            .params
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            Some(slot) if slot.1 == value => return,
+            Some(slot) => slot.1 = value.to_owned(),
+            None => self.auth.params.push((name.to_owned(), value.to_owned())),
+        }
+        self.params_gen += 1;
+    }
+
+    /// Relays with a server attached until one of the [`Attached`] outcomes.
+    async fn relay(
+        &mut self,
+        mut co: Checkout,
+        shutdown: &CancellationToken,
+    ) -> (Attached, Checkout) {
+        let outcome = loop {
+            if let Err(e) = self.scan_client() {
+                break Attached::ClientBroke(RouterError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("podrouter: protocol violation: {e}"),
+                ));
+            }
+            if self.terminate && self.cout.is_empty() {
+                break Attached::ClientGone;
+            }
+            match self.scan_server(&mut co) {
+                Ok(true) => break Attached::Released,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(tenant = %self.route.name, "pod sent a malformed message: {e}");
+                    break Attached::ServerGone;
+                }
+            }
+            let read_client =
+                !self.terminate && self.cout.len() < HIGH_WATER && self.cin.len() < HIGH_WATER;
+            let read_server = self.sout.len() < HIGH_WATER;
+            let idle_point = self.server_clean() && self.sout.is_empty();
+            reserve(&mut self.cin);
+            reserve(&mut self.sin);
+            let (mut cr, mut cw) = self.client.split();
+            let (mut sr, mut sw) = co.conn.stream.split();
+            tokio::select! {
+                biased;
+                r = sw.write_buf(&mut self.cout), if !self.cout.is_empty() => {
+                    if r.is_err() { break Attached::ServerGone; }
+                }
+                r = cw.write_buf(&mut self.sout), if !self.sout.is_empty() => {
+                    if r.is_err() { break Attached::ClientGone; }
+                }
+                r = sr.read_buf(&mut self.sin), if read_server => {
+                    if !matches!(r, Ok(n) if n > 0) { break Attached::ServerGone; }
+                }
+                r = cr.read_buf(&mut self.cin), if read_client => {
+                    if !matches!(r, Ok(n) if n > 0) { break Attached::ClientGone; }
+                }
+                _ = shutdown.cancelled(), if idle_point => break Attached::Shutdown,
+            }
+        };
+        (outcome, co)
+    }
+
+    /// Transaction mode between transactions: no server held. Flushes what is owed to the
+    /// client and waits for its next message.
+    async fn idle(&mut self, shutdown: &CancellationToken) -> Idle {
+        loop {
+            if let Err(e) = self.scan_client() {
+                return Idle::End(Some(RouterError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("podrouter: protocol violation: {e}"),
+                )));
+            }
+            if !self.cout.is_empty() {
+                return Idle::Work;
+            }
+            if self.terminate {
+                return Idle::End(None);
+            }
+            reserve(&mut self.cin);
+            let (mut cr, mut cw) = self.client.split();
+            tokio::select! {
+                biased;
+                r = cw.write_buf(&mut self.sout), if !self.sout.is_empty() => {
+                    if r.is_err() { return Idle::End(None); }
+                }
+                r = cr.read_buf(&mut self.cin) => {
+                    if !matches!(r, Ok(n) if n > 0) { return Idle::End(None); }
+                }
+                _ = shutdown.cancelled(), if self.sout.is_empty() => return Idle::End(Some(shutting_down())),
+            }
+        }
+    }
+}
+
+enum Idle {
+    Work,
+    End(Option<RouterError>),
+}
+
+/// Reported parameters that follow a client across server connections once it sets them.
+const TRACKED: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+];
+
+fn shutting_down() -> RouterError {
+    RouterError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        "podrouter: terminating connection because the router is shutting down",
+    )
+    .with_hint("Reconnect; another router instance or the restarted one will serve you.")
+}
+
+fn forward(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
+    let chunk = from.split_to(n);
+    if to.is_empty() {
+        *to = chunk;
+    } else {
+        to.unsplit(chunk);
+    }
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
+fn parameter_status(mut body: &[u8]) -> Option<(String, String)> {
+    let name = framing::take_cstr(&mut body).ok()?.to_owned();
+    let value = framing::take_cstr(&mut body).ok()?.to_owned();
+    Some((name, value))
+}
+
+/// Pool key for a tenant's current route and a role.
+pub fn pool_key(route: &crate::routing::TenantRoute, role: &str) -> PoolKey {
+    PoolKey {
+        tenant: route.name.clone(),
+        role: role.to_owned(),
+        pod: route.pod.name.clone(),
+        endpoint: route.pod.primary.clone(),
+    }
+}

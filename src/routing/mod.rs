@@ -1,0 +1,208 @@
+//! The RoutingTable: an immutable snapshot of tenant → pod and role → verifier, built from the
+//! catalog and published through `ArcSwap`. The hot path does one lock-free `load()` and a
+//! hash lookup.
+//!
+//! Replace order (do not change without reading ARCHITECTURE.md, "Invariants"):
+//! 1. build a complete new table from one consistent catalog snapshot,
+//! 2. `store()` it — new connections and checkouts see the new routes from here on,
+//! 3. old sessions keep the `Arc`s they hold and finish on the old route; pools keyed by an
+//!    old route are retired when idle.
+
+pub mod placement;
+
+use crate::catalog::Snapshot;
+use crate::config::{parse_pg_url, PgEndpoint};
+use crate::protocol::scram::Verifier;
+use arc_swap::ArcSwap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct PodRoute {
+    pub name: String,
+    /// Where tenant traffic goes: the primary's host and port.
+    pub primary: PgEndpoint,
+    /// The admin URL of the primary (may hold a password: never log it unredacted).
+    pub admin_url: String,
+    pub replicas: Vec<String>,
+    pub http: Vec<String>,
+    pub weight: f64,
+    pub accepting: bool,
+}
+
+#[derive(Debug)]
+pub struct TenantRoute {
+    pub name: String,
+    pub pod: Arc<PodRoute>,
+    pub route_version: i64,
+    pub state: String,
+    pub grants: HashSet<String>,
+}
+
+#[derive(Debug)]
+pub struct RoleAuth {
+    pub name: String,
+    pub verifier: Verifier,
+}
+
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    pub pods: HashMap<String, Arc<PodRoute>>,
+    pub tenants: HashMap<String, Arc<TenantRoute>>,
+    pub roles: HashMap<String, Arc<RoleAuth>>,
+}
+
+impl RoutingTable {
+    /// Builds a table from a catalog snapshot. Rows that cannot be used (a pod URL that does
+    /// not parse, a verifier that does not parse) are skipped with a warning rather than
+    /// taking every other tenant down with them.
+    pub fn build(snap: &Snapshot) -> RoutingTable {
+        let mut pods = HashMap::new();
+        for p in &snap.pods {
+            match parse_pg_url(&p.primary_url) {
+                Ok(primary) => {
+                    pods.insert(
+                        p.name.clone(),
+                        Arc::new(PodRoute {
+                            name: p.name.clone(),
+                            primary,
+                            admin_url: p.primary_url.clone(),
+                            replicas: p.replicas.clone(),
+                            http: p.http.clone(),
+                            weight: p.weight,
+                            accepting: p.accepting,
+                        }),
+                    );
+                }
+                Err(e) => tracing::warn!(pod = %p.name, "pod skipped: {e}"),
+            }
+        }
+        let mut tenants = HashMap::new();
+        for t in &snap.tenants {
+            // A tenant still being created has no database yet.
+            if t.state == "creating" || t.state == "deleting" {
+                continue;
+            }
+            let Some(pod) = pods.get(&t.pod) else {
+                tracing::warn!(tenant = %t.name, pod = %t.pod, "tenant skipped: its pod is not usable");
+                continue;
+            };
+            tenants.insert(
+                t.name.clone(),
+                Arc::new(TenantRoute {
+                    name: t.name.clone(),
+                    pod: pod.clone(),
+                    route_version: t.route_version,
+                    state: t.state.clone(),
+                    grants: t.roles.iter().cloned().collect(),
+                }),
+            );
+        }
+        let mut roles = HashMap::new();
+        for r in &snap.roles {
+            match Verifier::parse(&r.verifier) {
+                Ok(verifier) => {
+                    roles.insert(
+                        r.name.clone(),
+                        Arc::new(RoleAuth {
+                            name: r.name.clone(),
+                            verifier,
+                        }),
+                    );
+                }
+                Err(e) => tracing::warn!(role = %r.name, "role skipped: {e}"),
+            }
+        }
+        RoutingTable {
+            pods,
+            tenants,
+            roles,
+        }
+    }
+
+    pub fn tenant(&self, name: &str) -> Option<&Arc<TenantRoute>> {
+        self.tenants.get(name)
+    }
+
+    /// The role's verifier when it exists *and* is granted on the tenant.
+    pub fn authorized(&self, tenant: &TenantRoute, role: &str) -> Option<&Arc<RoleAuth>> {
+        if !tenant.grants.contains(role) {
+            return None;
+        }
+        self.roles.get(role)
+    }
+}
+
+/// The published table.
+pub type SharedTable = Arc<ArcSwap<RoutingTable>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{PodRow, RoleRow, TenantRow};
+
+    #[test]
+    fn builds_routes_and_checks_grants() {
+        let snap = Snapshot {
+            pods: vec![PodRow {
+                name: "a".into(),
+                primary_url: "postgres://su@127.0.0.1:5433".into(),
+                replicas: vec![],
+                http: vec![],
+                weight: 1.0,
+                accepting: true,
+            }],
+            tenants: vec![
+                TenantRow {
+                    name: "t1".into(),
+                    pod: "a".into(),
+                    route_version: 3,
+                    state: "active".into(),
+                    roles: vec!["app".into()],
+                },
+                TenantRow {
+                    name: "t2".into(),
+                    pod: "a".into(),
+                    route_version: 1,
+                    state: "creating".into(),
+                    roles: vec![],
+                },
+                TenantRow {
+                    name: "t3".into(),
+                    pod: "gone".into(),
+                    route_version: 1,
+                    state: "active".into(),
+                    roles: vec![],
+                },
+            ],
+            roles: vec![
+                RoleRow {
+                    name: "app".into(),
+                    verifier: Verifier::generate("pw"),
+                },
+                RoleRow {
+                    name: "other".into(),
+                    verifier: Verifier::generate("pw"),
+                },
+            ],
+        };
+        let t = RoutingTable::build(&snap);
+        let t1 = t.tenant("t1").unwrap();
+        assert_eq!(t1.pod.primary.port, 5433);
+        assert_eq!(t1.route_version, 3);
+        assert!(
+            t.tenant("t2").is_none(),
+            "a tenant being created is not routable"
+        );
+        assert!(
+            t.tenant("t3").is_none(),
+            "a tenant on an unknown pod is not routable"
+        );
+        assert!(t.authorized(t1, "app").is_some());
+        assert!(
+            t.authorized(t1, "other").is_none(),
+            "a role not granted on the tenant"
+        );
+        assert!(t.authorized(t1, "ghost").is_none());
+    }
+}

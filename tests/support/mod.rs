@@ -1,0 +1,208 @@
+//! Test harness: real Postgres clusters (initdb once per run into a template under
+//! `target/tmp`, copied per cluster; run as the `postgres` OS user when root) on free ports in
+//! temporary directories, and the real router on 127.0.0.1:0. Everything stops on drop, also
+//! when a test fails.
+
+#![allow(dead_code)]
+
+use podrouter::config::{Config, PoolMode};
+use podrouter::fleet::NewTenant;
+use podrouter::localpg::{self, LocalCluster, PgBinaries};
+use podrouter::service::{self, Listeners, Running};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_postgres::NoTls;
+
+pub const ROLE: &str = "app";
+pub const PASSWORD: &str = "app-secret";
+
+pub fn bins() -> PgBinaries {
+    PgBinaries::find().expect("PostgreSQL server binaries (install postgresql)")
+}
+
+/// The initdb template shared by all tests of this run.
+pub fn template() -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    localpg::template(&bins(), root).expect("initdb template")
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("podrouter-test")
+        .tempdir()
+        .expect("tempdir");
+    localpg::make_traversable(d.path()).expect("tempdir reachable by postgres");
+    d
+}
+
+/// A started cluster in `dir/name`.
+pub async fn cluster(dir: &Path, name: &str) -> LocalCluster {
+    let b = bins();
+    let datadir = dir.join(name);
+    LocalCluster::create(&b, &template(), &datadir).expect("create cluster");
+    LocalCluster::start(&b, &datadir, localpg::free_port(), &[])
+        .await
+        .expect("start cluster")
+}
+
+pub struct Options {
+    pub pods: usize,
+    pub mode: PoolMode,
+    pub pool_size: u32,
+    pub checkout_timeout: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            pods: 2,
+            mode: PoolMode::Transaction,
+            pool_size: 5,
+            checkout_timeout: "5s",
+        }
+    }
+}
+
+pub struct TestFleet {
+    pub pods: Vec<LocalCluster>,
+    pub running: Option<Running>,
+    pub config_path: PathBuf,
+    pub token: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestFleet {
+    pub async fn start(opts: Options) -> TestFleet {
+        let dir = tempdir();
+        let mut pods = Vec::new();
+        for i in 0..opts.pods {
+            pods.push(cluster(dir.path(), &format!("pod{i}")).await);
+        }
+        // The catalog lives in its own database on the first pod's cluster.
+        let c = tokio_postgres::connect(&format!("{}/postgres", pods[0].url()), NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(c.1);
+        c.0.batch_execute("CREATE DATABASE podrouter_catalog")
+            .await
+            .unwrap();
+        let token = "test-token-0123456789abcdef".to_owned();
+        std::fs::write(dir.path().join("admin.token"), &token).unwrap();
+        let mut toml = format!(
+            "[router]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\ncatalog_url = \"{}/podrouter_catalog\"\n\
+             admin_token_file = \"admin.token\"\nshutdown_grace = \"2s\"\n\n[pool]\nmode = \"{}\"\nsize = {}\ncheckout_timeout = \"{}\"\n",
+            pods[0].url(),
+            opts.mode,
+            opts.pool_size,
+            opts.checkout_timeout,
+        );
+        for (i, p) in pods.iter().enumerate() {
+            toml.push_str(&format!(
+                "\n[[pod]]\nname = \"pod{i}\"\nprimary = \"{}\"\n",
+                p.url()
+            ));
+        }
+        let config_path = dir.path().join("pods.toml");
+        std::fs::write(&config_path, toml).unwrap();
+        let config = Config::load(&config_path).expect("valid test config");
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let running = service::start(config, Some(config_path.clone()), listeners)
+            .await
+            .expect("router starts");
+        running
+            .fleet
+            .put_role(ROLE, PASSWORD, "test")
+            .await
+            .unwrap();
+        TestFleet {
+            pods,
+            running: Some(running),
+            config_path,
+            token,
+            dir,
+        }
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("router running")
+    }
+
+    pub fn fleet(&self) -> Arc<podrouter::fleet::Fleet> {
+        self.running().fleet.clone()
+    }
+
+    pub async fn tenant(&self, name: &str, pod: usize) {
+        self.fleet()
+            .create_tenant(
+                NewTenant {
+                    name: name.into(),
+                    pod: Some(format!("pod{pod}")),
+                    roles: vec![ROLE.into()],
+                },
+                "test",
+            )
+            .await
+            .expect("create tenant");
+    }
+
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        format!(
+            "postgres://{user}:{password}@{}/{db}",
+            self.running().pg_addr
+        )
+    }
+
+    pub fn app_url(&self, db: &str) -> String {
+        self.url(ROLE, PASSWORD, db)
+    }
+
+    pub async fn connect(&self, db: &str) -> tokio_postgres::Client {
+        connect(&self.app_url(db))
+            .await
+            .expect("connect through the router")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+    }
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// SQLSTATE of a failed connect or query.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.code().code().to_owned())
+        .unwrap_or_else(|| format!("no SQLSTATE: {e}"))
+}
+
+pub fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// Superuser connection to a pod directly.
+pub async fn pod_admin(pod: &LocalCluster, db: &str) -> tokio_postgres::Client {
+    connect(&pod.url_db(db)).await.expect("connect to pod")
+}
+
+/// Path of a Postgres client tool (psql, pgbench) from the same install as the server.
+pub fn tool(name: &str) -> PathBuf {
+    let p = bins().tool(name);
+    assert!(
+        p.exists(),
+        "{} not found: install the PostgreSQL client tools",
+        p.display()
+    );
+    p
+}
