@@ -56,7 +56,8 @@ async fn serve_binary(mode: &str) -> (TestFleet, Serve, String) {
             &format!("admin_listen = \"127.0.0.1:{admin}\""),
             1,
         )
-        .replace("mode = \"transaction\"", &format!("mode = \"{mode}\""));
+        .replace("mode = \"transaction\"", &format!("mode = \"{mode}\""))
+        .replace("size = 5", "size = 6");
     let path = f.dir.path().join("serve.toml");
     std::fs::write(&path, text).unwrap();
     let child = Command::new(BIN)
@@ -127,17 +128,28 @@ async fn pgbench_runs_through_the_router() {
             "pgbench -i ({mode}): {}",
             String::from_utf8_lossy(&init.stderr)
         );
+        // Session mode holds a server connection per client (4 within the pool of 6);
+        // transaction mode shares them: 8 clients on 6 connections.
+        let clients = if mode == "session" { "4" } else { "8" };
         let run = Command::new(tool("pgbench"))
-            .args(["-n", "-c", "8", "-j", "2", "-T", "3", &url])
+            .args(["-n", "-c", clients, "-j", "2", "-T", "3", &url])
             .output()
             .unwrap();
         let out = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "pgbench ({mode}): {}{}",
-            out,
-            String::from_utf8_lossy(&run.stderr)
-        );
+        if !run.status.success() {
+            let admin = pod_admin(&_f.pods[0], "postgres").await;
+            let activity: Vec<String> = admin
+                .query("select usename || ' ' || state || ' ' || left(query, 60) from pg_stat_activity where usename = $1", &[&ROLE])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            panic!(
+                "pgbench ({mode}): {out}{}\nserver connections: {activity:#?}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+        }
         assert!(
             out.contains("number of failed transactions: 0"),
             "{mode}: {out}"

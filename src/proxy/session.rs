@@ -325,11 +325,18 @@ impl<'a> Session<'a> {
                     self.terminate = true;
                     continue;
                 }
-                b'Q' | b'S' => {
+                // Each of these gets exactly one ReadyForQuery back.
+                b'Q' | b'S' | b'F' => {
                     self.pending += 1;
-                    self.unsynced = false;
+                    if h.tag != b'F' {
+                        self.unsynced = false;
+                    }
                 }
-                _ => self.unsynced = true,
+                // Extended-protocol messages open a batch that only a Sync closes.
+                b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
+                // COPY data belongs to the Query or batch that started the COPY; Flush
+                // asks for output without ending anything.
+                _ => {}
             }
             let n = h.wire_len.min(self.cin.len());
             forward(&mut self.cin, &mut self.cout, n);
