@@ -87,7 +87,7 @@ impl FromStr for Dur {
 impl std::fmt::Display for Dur {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             write!(f, "{ms}ms")
         } else {
             write!(f, "{}s", ms / 1000)
@@ -304,17 +304,18 @@ impl Config {
                 "write postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
             ));
         }
-        if r.listen == r.admin_listen
-            || Some(r.listen) == r.http_listen
-            || Some(r.admin_listen) == r.http_listen
-        {
-            if r.listen.port() != 0 {
-                return Err(invalid(
-                    "router.listen",
-                    "listen, admin_listen and http_listen must be different addresses".into(),
-                    "give each listener its own port",
-                ));
-            }
+        // Port 0 (tests) means "any free port", so only fixed ports can collide.
+        let fixed: Vec<SocketAddr> = [Some(r.listen), Some(r.admin_listen), r.http_listen]
+            .into_iter()
+            .flatten()
+            .filter(|a| a.port() != 0)
+            .collect();
+        if (1..fixed.len()).any(|i| fixed[..i].contains(&fixed[i])) {
+            return Err(invalid(
+                "router.listen",
+                "listen, admin_listen and http_listen must be different addresses".into(),
+                "give each listener its own port",
+            ));
         }
         match &r.admin_token_file {
             Some(path) => {

@@ -144,7 +144,7 @@ fn nonce() -> String {
 }
 
 /// `k=v` attributes of a SCRAM message, in order.
-fn attr<'a>(part: Option<&'a str>, key: char) -> Result<&'a str, ScramError> {
+fn attr(part: Option<&str>, key: char) -> Result<&str, ScramError> {
     part.and_then(|p| p.strip_prefix(key)?.strip_prefix('='))
         .ok_or(ScramError::Message("unexpected attribute"))
 }

@@ -66,6 +66,9 @@ pub struct ServerConn {
     pub backend_secret: i32,
     /// Current value of every parameter the server reported or we set (name as reported).
     pub params: Vec<(String, String)>,
+    /// The reported parameters as they were right after startup: what a client that asks
+    /// for nothing must see.
+    pub initial_params: Vec<(String, String)>,
     pub created: Instant,
     pub last_used: Instant,
     /// Generation of the client parameters this connection was last synced to, with the
@@ -98,6 +101,7 @@ impl ServerConn {
             backend_pid: 0,
             backend_secret: 0,
             params: Vec::new(),
+            initial_params: Vec::new(),
             created: Instant::now(),
             last_used: Instant::now(),
             synced_for: None,
@@ -186,7 +190,10 @@ impl ServerConn {
                     conn.set_param(name, value);
                 }
                 Message::NoticeResponse(_) => {}
-                Message::ReadyForQuery(_) => return Ok(conn),
+                Message::ReadyForQuery(_) => {
+                    conn.initial_params = conn.params.clone();
+                    return Ok(conn);
+                }
                 Message::ErrorResponse(_) => {
                     unreachable!("read_message turns errors into ServerError")
                 }
@@ -234,10 +241,7 @@ impl ServerConn {
     }
 
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        lookup(&self.params, name)
     }
 
     /// Runs a simple query issued by the router itself, swallowing its results. ParameterStatus
@@ -280,14 +284,26 @@ impl ServerConn {
         }
     }
 
-    /// Brings the server's session parameters to the client's values with one SET batch.
-    /// Returns the names changed.
+    /// Brings the server's session parameters to the client's values with one batch: SET
+    /// what the client asks for, RESET what an earlier client changed and this one did not
+    /// ask for. Returns the number of statements sent.
     pub async fn sync_params(
         &mut self,
         wanted: &[(String, String)],
         timeout: Duration,
     ) -> Result<usize, ServerError> {
+        let reset: Vec<String> = self
+            .params
+            .iter()
+            .filter(|(k, v)| {
+                lookup(wanted, k).is_none() && lookup(&self.initial_params, k) != Some(v.as_str())
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut sql = String::new();
+        for name in &reset {
+            sql.push_str(&format!("RESET {};", quote_ident(name)));
+        }
         for (name, value) in wanted {
             if self.param(name) != Some(value.as_str()) {
                 sql.push_str(&format!(
@@ -300,26 +316,36 @@ impl ServerConn {
         if sql.is_empty() {
             return Ok(0);
         }
-        let n = sql.matches(';').count();
         self.simple_query(&sql, timeout).await?;
+        for name in &reset {
+            match lookup(&self.initial_params, name).map(str::to_owned) {
+                Some(v) => self.set_param(name, &v),
+                None => self.params.retain(|(k, _)| !k.eq_ignore_ascii_case(name)),
+            }
+        }
         // Parameters that Postgres does not report back are recorded as set.
         for (name, value) in wanted {
-            if self.param(name).is_none() {
+            if self.param(name) != Some(value.as_str()) {
                 self.set_param(name, value);
             }
         }
-        Ok(n)
+        Ok(sql.matches(';').count())
     }
 
     /// Whether an idle connection still looks alive: no EOF and no unsolicited bytes (a
     /// server shutting down sends a FATAL before closing). Cheap: one non-blocking read.
     pub fn looks_alive(&self) -> bool {
         let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            _ => false,
-        }
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
+}
+
+/// A parameter's value by name; GUC names are case-insensitive.
+fn lookup<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
 }
 
 pub fn quote_ident(s: &str) -> String {
