@@ -94,8 +94,12 @@ impl Proxy {
         self.settings.load()
     }
 
-    pub fn set_settings(&self, s: ProxySettings) {
+    /// Applies reloaded settings: new sessions and checkouts use them at once, and existing
+    /// pools are resized to the new pool size.
+    pub fn apply_settings(&self, s: ProxySettings) {
+        let size = s.pool_size;
         self.settings.store(Arc::new(s));
+        self.pools.resize_all(size);
     }
 
     pub(crate) fn mock_secret(&self) -> &[u8] {

@@ -40,7 +40,7 @@ pub struct PoolLimits {
 
 pub struct Pool {
     pub key: PoolKey,
-    size: usize,
+    size: std::sync::atomic::AtomicUsize,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     auth: Mutex<PoolAuth>,
@@ -62,7 +62,7 @@ impl Pool {
     fn new(key: PoolKey, size: usize, verifier: Verifier) -> Pool {
         Pool {
             key,
-            size,
+            size: size.into(),
             permits: Arc::new(Semaphore::new(size)),
             idle: Mutex::new(Vec::with_capacity(size)),
             auth: Mutex::new(PoolAuth {
@@ -144,11 +144,37 @@ impl Pool {
     }
 
     pub fn active_count(&self) -> usize {
-        self.size - self.permits.available_permits()
+        self.size().saturating_sub(self.permits.available_permits())
     }
 
     pub fn size(&self) -> usize {
-        self.size
+        self.size.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the pool size. Growing adds permits at once; shrinking takes permits away as
+    /// connections come back (checked-out connections are never cut), and closes surplus
+    /// idle connections.
+    pub fn resize(&self, new_size: usize) {
+        use std::sync::atomic::Ordering;
+        let old = self.size.swap(new_size, Ordering::Relaxed);
+        if new_size > old {
+            self.permits.add_permits(new_size - old);
+        } else if new_size < old {
+            let mut owed = old - new_size;
+            owed -= self.permits.forget_permits(owed);
+            if owed > 0 {
+                // The rest is taken as checked-out connections are released.
+                let permits = self.permits.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many_owned(owed as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+            let mut idle = self.idle.lock();
+            let keep = new_size.min(idle.len());
+            idle.drain(..idle.len() - keep);
+        }
     }
 }
 
@@ -180,6 +206,14 @@ impl Pools {
         self.pools
             .lock()
             .retain(|k, p| is_current(k) || p.active_count() > 0 || p.idle_count() > 0);
+    }
+
+    pub fn resize_all(&self, size: usize) {
+        for p in self.snapshot() {
+            if p.size() != size {
+                p.resize(size);
+            }
+        }
     }
 
     pub fn snapshot(&self) -> Vec<Arc<Pool>> {
