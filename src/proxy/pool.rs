@@ -172,8 +172,9 @@ impl Pool {
                 });
             }
             let mut idle = self.idle.lock();
-            let keep = new_size.min(idle.len());
-            idle.drain(..idle.len() - keep);
+            let surplus = idle.len().saturating_sub(new_size);
+            // The oldest idle connections are at the front (LIFO reuse pops the back).
+            idle.drain(..surplus);
         }
     }
 }
