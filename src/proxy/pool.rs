@@ -91,7 +91,7 @@ impl Pool {
             )
             .await
             .map_err(|_| CheckoutError::Timeout {
-                size: self.size,
+                size: self.size(),
                 waited: limits.checkout_timeout,
             })?
             .expect("pool semaphores are never closed"),
