@@ -1,7 +1,14 @@
 //! `pods.toml`: the config types, parsing, and validation. Every error names the file, the
 //! field and the fix; nothing reads a field before [`Config::load`] has validated it.
+//!
+//! Reloads: a [`ConfigSource`] keeps a file's text, hash and the fields it sets explicitly;
+//! [`diff`] lists what changes between two configs and [`reload_refusals`] says which of
+//! those changes a reload must refuse unless forced.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -270,14 +277,7 @@ pub const NAME_RULE: &str =
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            file: file.clone(),
-            source,
-        })?;
-        let config = Config::parse(&file, &text)?;
-        config.validate(&file, path.parent())?;
-        Ok(config)
+        ConfigSource::load(path).map(|s| s.config)
     }
 
     /// Parses without validation (`file` names the source in errors).
@@ -457,6 +457,328 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("config serialises")
     }
+
+    /// Copies the fields that only take effect at a restart ([`RESTART_ONLY`]) from the
+    /// running config, so the config in memory keeps describing what actually runs.
+    pub fn keep_restart_only(&mut self, running: &Config) {
+        self.router.listen = running.router.listen;
+        self.router.admin_listen = running.router.admin_listen;
+        self.router.http_listen = running.router.http_listen;
+        self.router.catalog_url = running.router.catalog_url.clone();
+        self.router.admin_token_file = running.router.admin_token_file.clone();
+        self.pool.max_clients = running.pool.max_clients;
+    }
+}
+
+// === impl ConfigSource ===
+
+/// Fields a running router cannot change: its listeners are bound, its catalog connected, its
+/// admin token read and its client limit sized at start. Keep in step with
+/// [`Config::keep_restart_only`].
+pub const RESTART_ONLY: &[&str] = &[
+    "router.listen",
+    "router.admin_listen",
+    "router.http_listen",
+    "router.catalog_url",
+    "router.admin_token_file",
+    "pool.max_clients",
+];
+
+/// A config file as read: the text (kept verbatim and stored in the catalog), its SHA-256,
+/// the config it parses to, and the fields the file sets explicitly (as [`diff`] names them,
+/// e.g. `pool.size`, `pod[pod-a].weight`), which is what tells a hand-tuned value from a
+/// default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigSource {
+    pub config: Config,
+    pub text: String,
+    pub hash: String,
+    pub explicit: BTreeSet<String>,
+}
+
+impl ConfigSource {
+    /// Reads, parses and validates a config file, keeping its text.
+    pub fn load(path: &Path) -> Result<ConfigSource, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let source = ConfigSource::parse(&file, text)?;
+        source.config.validate(&file, path.parent())?;
+        Ok(source)
+    }
+
+    /// Parses without validation (for versions read back from the catalog).
+    pub fn parse(file: &str, text: String) -> Result<ConfigSource, ConfigError> {
+        let config = Config::parse(file, &text)?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
+        let explicit = field_values(&serde_json::to_value(&table).unwrap_or(Value::Null))
+            .into_keys()
+            .collect();
+        Ok(ConfigSource {
+            config,
+            hash: sha256_hex(&text),
+            text,
+            explicit,
+        })
+    }
+
+    /// A source for a config that was built in memory rather than read from a file: its text
+    /// is the config written out, so every field counts as explicit.
+    pub fn generated(config: Config) -> ConfigSource {
+        let text = config.to_toml();
+        ConfigSource::parse("generated config", text.clone()).unwrap_or_else(|_| ConfigSource {
+            hash: sha256_hex(&text),
+            explicit: field_values(&to_json(&config)).into_keys().collect(),
+            config,
+            text,
+        })
+    }
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    format!("{:x}", Sha256::digest(text.as_bytes()))
+}
+
+fn to_json(config: &Config) -> Value {
+    serde_json::to_value(config).unwrap_or(Value::Null)
+}
+
+/// Every leaf of a config (as JSON) by its field path: `pool.size`, `router.listen`,
+/// `pod[pod-a].weight` (pods by name, since their order in the file means nothing). Arrays
+/// are leaves.
+fn field_values(v: &Value) -> BTreeMap<String, Value> {
+    fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match (prefix, k.as_str(), v) {
+                        ("", "pod", Value::Array(pods)) => {
+                            for (i, p) in pods.iter().enumerate() {
+                                walk(&pod_field(&pod_name(p, i)), p, out);
+                            }
+                        }
+                        ("", _, _) => walk(k, v, out),
+                        _ => walk(&format!("{prefix}.{k}"), v, out),
+                    }
+                }
+            }
+            leaf => {
+                out.insert(prefix.to_owned(), leaf.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", v, &mut out);
+    out
+}
+
+fn pod_name(p: &Value, index: usize) -> String {
+    p.get("name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| index.to_string())
+}
+
+fn pod_field(name: &str) -> String {
+    format!("pod[{name}]")
+}
+
+/// The pod a field path belongs to (`pod[pod-a].weight` → `pod-a`).
+fn pod_of(field: &str) -> Option<&str> {
+    field.strip_prefix("pod[")?.split_once(']').map(|(n, _)| n)
+}
+
+// === diff ===
+
+/// One changed field. `old`/`new` are JSON (null when absent); URLs have their passwords
+/// redacted. A pod added or removed as a whole is one change named `pod[NAME]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub old: Value,
+    pub new: Value,
+    /// A [`RESTART_ONLY`] field: recorded now, in effect after the next restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_restart: bool,
+}
+
+impl std::fmt::Display for FieldChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} -> {}", self.field, self.old, self.new)
+    }
+}
+
+/// What differs between two configs, field by field, in field-path order.
+pub fn diff(old: &Config, new: &Config) -> Vec<FieldChange> {
+    let split = |c: &Config| {
+        let mut v = to_json(c);
+        let pods = v
+            .as_object_mut()
+            .and_then(|m| m.remove("pod"))
+            .and_then(|p| match p {
+                Value::Array(a) => Some(a),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let pods: BTreeMap<String, Value> = pods
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (pod_name(&p, i), p))
+            .collect();
+        (field_values(&v), pods)
+    };
+    let ((old_fields, old_pods), (new_fields, new_pods)) = (split(old), split(new));
+    let mut changes = Vec::new();
+    fn compare(
+        out: &mut Vec<FieldChange>,
+        a: &BTreeMap<String, Value>,
+        b: &BTreeMap<String, Value>,
+    ) {
+        let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for k in keys {
+            let (o, n) = (
+                a.get(k).cloned().unwrap_or(Value::Null),
+                b.get(k).cloned().unwrap_or(Value::Null),
+            );
+            if o != n {
+                out.push(change(k, o, n));
+            }
+        }
+    }
+    compare(&mut changes, &old_fields, &new_fields);
+    let prefixed = |name: &str, p: Option<&Value>| -> BTreeMap<String, Value> {
+        match p {
+            Some(p) => field_values(p)
+                .into_iter()
+                .map(|(k, v)| (format!("{}.{k}", pod_field(name)), v))
+                .collect(),
+            None => BTreeMap::new(),
+        }
+    };
+    let names: BTreeSet<&String> = old_pods.keys().chain(new_pods.keys()).collect();
+    for name in names {
+        match (old_pods.get(name), new_pods.get(name)) {
+            (Some(_), Some(_)) => compare(
+                &mut changes,
+                &prefixed(name, old_pods.get(name)),
+                &prefixed(name, new_pods.get(name)),
+            ),
+            (o, n) => changes.push(change(
+                &pod_field(name),
+                o.cloned().unwrap_or(Value::Null),
+                n.cloned().unwrap_or(Value::Null),
+            )),
+        }
+    }
+    changes
+}
+
+fn change(field: &str, old: Value, new: Value) -> FieldChange {
+    FieldChange {
+        field: field.to_owned(),
+        old: redact_value(old),
+        new: redact_value(new),
+        after_restart: RESTART_ONLY.contains(&field),
+    }
+}
+
+/// Passwords in any URL inside a JSON value replaced by `***`.
+fn redact_value(v: Value) -> Value {
+    match v {
+        Value::String(s) if s.contains("://") => Value::String(redact(&s)),
+        Value::Array(a) => Value::Array(a.into_iter().map(redact_value).collect()),
+        Value::Object(m) => {
+            Value::Object(m.into_iter().map(|(k, v)| (k, redact_value(v))).collect())
+        }
+        other => other,
+    }
+}
+
+// === reload rules ===
+
+/// A change a reload refuses unless forced: the field and why, with what to do instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub field: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+/// The safety rules for replacing `running` with `new` (validation has passed already):
+/// a field that needs a restart, a pool shrunk by more than half, a pod dropped that still
+/// has tenants (`tenants` counts them per pod, from the catalog), and a field the running
+/// file set that the new file leaves to its default (seed 004: a hand-tuned `size = 200`
+/// silently became the default when an old file was restored).
+pub fn reload_refusals(
+    running: &ConfigSource,
+    new: &ConfigSource,
+    tenants: &BTreeMap<String, usize>,
+) -> Vec<Refusal> {
+    let mut out = Vec::new();
+    let refuse = |field: &str, reason: String| Refusal {
+        field: field.to_owned(),
+        reason,
+    };
+    for c in diff(&running.config, &new.config) {
+        if c.after_restart {
+            out.push(refuse(
+                &c.field,
+                format!(
+                    "changes from {} to {}, which only takes effect when podrouter restarts; restart it to apply this (with force the rest is applied now and this field keeps its running value until the restart)",
+                    c.old, c.new
+                ),
+            ));
+        }
+    }
+    let (old_size, new_size) = (running.config.pool.size, new.config.pool.size);
+    if u64::from(new_size) * 2 < u64::from(old_size) {
+        out.push(refuse(
+            "pool.size",
+            format!(
+                "would shrink every pool from {old_size} to {new_size} server connections, by more than half at once; shrink to at least {} per reload",
+                old_size.div_ceil(2)
+            ),
+        ));
+    }
+    let kept: BTreeSet<&str> = new.config.pods.iter().map(|p| p.name.as_str()).collect();
+    for pod in &running.config.pods {
+        let n = tenants.get(&pod.name).copied().unwrap_or(0);
+        if !kept.contains(pod.name.as_str()) && n > 0 {
+            out.push(refuse(
+                &pod_field(&pod.name),
+                format!(
+                    "is no longer in the file but still has {n} tenant(s) in the catalog; move or delete them first, or keep the pod in the file (with force the pod stays in the catalog for its tenants)"
+                ),
+            ));
+        }
+    }
+    let old_values = field_values(&to_json(&running.config));
+    let new_values = field_values(&to_json(&new.config));
+    for field in running.explicit.difference(&new.explicit) {
+        if pod_of(field).is_some_and(|p| !kept.contains(p)) {
+            continue; // the whole pod went; the rule above judges that
+        }
+        let show = |v: Option<&Value>| redact_value(v.cloned().unwrap_or(Value::Null));
+        out.push(refuse(
+            field,
+            format!(
+                "was set to {} in the running config but the new file no longer sets it, so it would fall back to the default {}; set it in the file (to the default if that is what you want)",
+                show(old_values.get(field)),
+                show(new_values.get(field)),
+            ),
+        ));
+    }
+    out
 }
 
 /// Host, port and user of a `postgres://` URL, checked the way the router will use them.
@@ -494,6 +816,24 @@ pub fn redact(url: &str) -> String {
         }
     }
     url.to_owned()
+}
+
+/// A config text with the password of every `scheme://user:password@host` replaced by `***`.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '"' || c == '\'' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let (url, after) = tail.split_at(end);
+        out.push_str(&redact(&format!("x://{url}"))[4..]);
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -593,6 +933,152 @@ primary = "postgres://postgres@127.0.0.1:5433"
         assert_eq!(Dur(Duration::from_millis(1500)).to_string(), "1500ms");
     }
 
+    const POD_A: &str =
+        "[[pod]]\nname = \"pod-a\"\nprimary = \"postgres://postgres@127.0.0.1:5433\"\n";
+    const POD_B: &str = "[[pod]]\nname = \"pod-b\"\nprimary = \"postgres://u:pw@127.0.0.1:5434\"\n";
+
+    fn source(text: String) -> ConfigSource {
+        let s = ConfigSource::parse("pods.toml", text).unwrap();
+        s.config.validate("pods.toml", None).unwrap();
+        s
+    }
+
+    /// BASE's router section with `extra` after it (pods come from `extra`).
+    fn file(extra: &str) -> ConfigSource {
+        let router = BASE.split("[[pod]]").next().unwrap();
+        source(format!("{router}{extra}"))
+    }
+
+    /// One line per case: the running file's extra, the new file's extra, and the changes
+    /// expected as `field: old -> new`.
+    fn check_diff(old: &str, new: &str, expect: &[&str]) {
+        let got: Vec<String> = diff(&file(old).config, &file(new).config)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got, expect, "{old:?} -> {new:?}");
+    }
+
+    #[test]
+    fn diff_names_each_changed_field() {
+        check_diff("[pool]\nsize = 20\n", "[pool]\nsize = 20\n", &[]);
+        check_diff("", "[pool]\nsize = 20\n", &[]); // 20 is the default
+        check_diff(
+            "[pool]\nsize = 5\n",
+            "[pool]\nsize = 12\n",
+            &["pool.size: 5 -> 12"],
+        );
+        check_diff(
+            "",
+            "[pool]\ncheckout_timeout = \"2s\"\n",
+            &["pool.checkout_timeout: \"5s\" -> \"2s\""],
+        );
+        check_diff(
+            POD_A,
+            &format!("{POD_A}weight = 2.0\n"),
+            &["pod[pod-a].weight: 1.0 -> 2.0"],
+        );
+        check_diff(&format!("{POD_A}{POD_B}"), &format!("{POD_B}{POD_A}"), &[]); // order is no change
+        check_diff(
+            POD_A,
+            &format!("{POD_A}{POD_B}"),
+            &[
+                r#"pod[pod-b]: null -> {"accepting":true,"http":[],"name":"pod-b","primary":"postgres://u:***@127.0.0.1:5434","replicas":[],"weight":1.0}"#,
+            ],
+        );
+        check_diff(
+            &format!("{POD_A}{POD_B}"),
+            POD_A,
+            &[
+                r#"pod[pod-b]: {"accepting":true,"http":[],"name":"pod-b","primary":"postgres://u:***@127.0.0.1:5434","replicas":[],"weight":1.0} -> null"#,
+            ],
+        );
+    }
+
+    /// One line per case: running extra, new extra, and for each expected refusal how its
+    /// message starts (field first). pod-a has 3 tenants in the catalog, pod-b none.
+    fn check_reload(old: &str, new: &str, expect: &[&str]) {
+        let tenants = BTreeMap::from([("pod-a".to_owned(), 3)]);
+        let got: Vec<String> = reload_refusals(&file(old), &file(new), &tenants)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(got.len(), expect.len(), "{old:?} -> {new:?}: {got:#?}");
+        for (g, want) in got.iter().zip(expect) {
+            assert!(g.starts_with(want), "{g:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn reload_refuses_unsafe_changes() {
+        // Allowed: growing, shrinking by at most half, adding fields and pods, dropping an
+        // empty pod.
+        check_reload("[pool]\nsize = 20\n", "[pool]\nsize = 200\n", &[]);
+        check_reload("[pool]\nsize = 20\n", "[pool]\nsize = 10\n", &[]);
+        check_reload("", "[pool]\nsize = 10\n", &[]);
+        check_reload(POD_A, &format!("{POD_A}{POD_B}"), &[]);
+        check_reload(&format!("{POD_A}{POD_B}"), POD_A, &[]);
+        check_reload("[pool]\nsize = 21\n", "[pool]\nsize = 11\n", &[]);
+        // (a) pool shrunk by more than half.
+        check_reload(
+            "[pool]\nsize = 20\n",
+            "[pool]\nsize = 5\n",
+            &["pool.size: would shrink every pool from 20 to 5"],
+        );
+        check_reload("[pool]\nsize = 21\n", "[pool]\nsize = 10\n", &["pool.size: would shrink every pool from 21 to 10 server connections, by more than half at once; shrink to at least 11 per reload"]);
+        // (b) a pod with tenants dropped.
+        check_reload(
+            &format!("{POD_A}{POD_B}"),
+            POD_B,
+            &["pod[pod-a]: is no longer in the file but still has 3 tenant(s)"],
+        );
+        // (c) an explicit field left to its default, even when the default is the same value.
+        check_reload("[pool]\nsize = 200\n", "", &["pool.size: would shrink every pool from 200 to 20", "pool.size: was set to 200 in the running config but the new file no longer sets it, so it would fall back to the default 20"]);
+        check_reload(
+            "[pool]\ncheckout_timeout = \"5s\"\n",
+            "",
+            &["pool.checkout_timeout: was set to \"5s\""],
+        );
+        check_reload(&format!("{POD_A}weight = 3.0\n"), POD_A, &["pod[pod-a].weight: was set to 3.0 in the running config but the new file no longer sets it, so it would fall back to the default 1.0"]);
+        check_reload("[auth]\n", "", &[]); // removing an empty section drops no field
+                                           // Restart-only fields.
+        check_reload("", "[pool]\nmax_clients = 10\n", &["pool.max_clients: changes from 20000 to 10, which only takes effect when podrouter restarts"]);
+    }
+
+    #[test]
+    fn restart_only_fields_keep_their_running_values() {
+        let running = file("");
+        let mut new = file("[pool]\nmax_clients = 10\nsize = 7\n").config;
+        new.router.listen = "127.0.0.1:7000".parse().unwrap();
+        new.keep_restart_only(&running.config);
+        assert_eq!((new.pool.max_clients, new.pool.size), (20_000, 7));
+        assert_eq!(new.router.listen, running.config.router.listen);
+        let changes = diff(&running.config, &file("[pool]\nmax_clients = 10\n").config);
+        assert!(changes[0].after_restart, "{changes:?}");
+    }
+
+    #[test]
+    fn sources_know_their_explicit_fields_and_hash() {
+        let s = file(&format!("[pool]\nsize = 7\n{POD_A}weight = 2.0\n"));
+        for f in [
+            "router.listen",
+            "pool.size",
+            "pod[pod-a].weight",
+            "pod[pod-a].primary",
+        ] {
+            assert!(s.explicit.contains(f), "{f} in {:?}", s.explicit);
+        }
+        assert!(!s.explicit.contains("pool.checkout_timeout"));
+        assert_eq!(s.hash.len(), 64);
+        assert_eq!(
+            sha256_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let g = ConfigSource::generated(s.config.clone());
+        assert_eq!(g.config, s.config);
+        assert!(g.explicit.contains("pool.checkout_timeout"));
+    }
+
     #[test]
     fn names_and_redaction() {
         assert!(valid_name("tenant1") && valid_name("pod-a") && valid_name("a_b"));
@@ -605,6 +1091,10 @@ primary = "postgres://postgres@127.0.0.1:5433"
         );
         assert_eq!(redact("postgres://u:pw@h:1/d"), "postgres://u:***@h:1/d");
         assert_eq!(redact("postgres://u@h"), "postgres://u@h");
+        assert_eq!(
+            redact_text("a = \"postgres://u:pw@h:1/d\"\nb = \"postgres://v@h\" # http://x:y@z\n"),
+            "a = \"postgres://u:***@h:1/d\"\nb = \"postgres://v@h\" # http://x:***@z\n"
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! `podrouter demo`: the embedded default. Creates (or reuses) local Postgres clusters — a
 //! catalog and N pods — under one directory, writes the config it runs with, starts the
 //! router in this process, creates the `demo` role and sample tenants, and writes
-//! `DIR/ready.json` once clients can connect. SIGINT/SIGTERM stop everything it started.
+//! `DIR/ready.json` once clients can connect. SIGINT/SIGTERM stop everything it started;
+//! SIGHUP re-reads `DIR/pods.toml` like `podrouter serve` does.
 
-use crate::config::{Config, PoolMode};
+use crate::config::{ConfigSource, PoolMode};
 use crate::fleet::NewTenant;
 use crate::localpg::{self, LocalCluster, PgBinaries};
 use crate::service::{self, Listeners};
@@ -47,6 +48,8 @@ pub enum DemoError {
     Fleet(#[from] crate::fleet::FleetError),
     #[error("loading sample data: {0}")]
     Sample(#[from] sqlx::Error),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
 }
 
 /// Ports chosen on the first run, reused by later runs while they are free.
@@ -197,10 +200,14 @@ async fn serve_demo(
     }
     let config_path = dir.join("pods.toml");
     std::fs::write(&config_path, &toml).map_err(io(&config_path))?;
-    let config = Config::load(&config_path)?;
+    let source = ConfigSource::load(&config_path)?;
 
-    let listeners = Listeners::bind(&config).await?;
-    let running = service::start(config, Some(config_path.clone()), listeners).await?;
+    // Registered before start, so an early SIGHUP waits instead of killing the demo.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(DemoError::Signal)?;
+    let listeners = Listeners::bind(&source.config).await?;
+    let running = service::start_with_source(source, Some(config_path.clone()), listeners).await?;
+    running.reload_on_sighup(hup);
     let fleet = running.fleet.clone();
 
     let existing = fleet.tenants().await?;
@@ -254,10 +261,12 @@ async fn serve_demo(
     .map_err(io(&tmp))?;
     std::fs::rename(&tmp, &ready_path).map_err(io(&ready_path))?;
     println!(
-        "podrouter demo is ready:\n  psql postgres://{DEMO_ROLE}:{DEMO_PASSWORD}@{}/tenant1\n  admin API {}  (token in {})\n  podrouter --demo-dir {} tenants\nCtrl-C stops everything.",
+        "podrouter demo is ready:\n  psql postgres://{DEMO_ROLE}:{DEMO_PASSWORD}@{}/tenant1\n  admin API {}  (token in {})\n  podrouter --demo-dir {} tenants\nEdit {} and send SIGHUP (or `podrouter --demo-dir {} config reload`) to reload it.\nCtrl-C stops everything.",
         running.pg_addr,
         ready["admin_url"].as_str().unwrap_or_default(),
         token_path.display(),
+        dir.display(),
+        config_path.display(),
         dir.display()
     );
 

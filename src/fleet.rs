@@ -1,17 +1,19 @@
 //! The Fleet: the router's control plane in one place — the catalog, the published
 //! RoutingTable, the proxy, and the operations the admin API and the demo perform (roles,
 //! tenants, pods). Every mutation is checked first, applied so that a failure leaves nothing
-//! half-done, audited, and announced to every router with NOTIFY.
+//! half-done, audited, and announced to every router with NOTIFY. Config reloads
+//! ([`Fleet::reload_config`], from SIGHUP and the admin API) live here too.
 
-use crate::catalog::{Catalog, CatalogError, PodRow, TenantRow};
-use crate::config::{self, Config};
+use crate::catalog::{Catalog, CatalogError, NewConfigVersion, PodRow, TenantRow};
+use crate::config::{self, Config, ConfigError, ConfigSource, FieldChange, Refusal};
 use crate::podadmin;
 use crate::protocol::scram::Verifier;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxySettings};
 use crate::routing::placement::{self, Candidate};
 use crate::routing::{RoutingTable, SharedTable};
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,17 +102,82 @@ impl From<TenantRow> for TenantView {
     }
 }
 
+/// What a config reload did; the admin API answers it as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadOutcome {
+    /// False when the file is byte for byte the one running: nothing was recorded.
+    pub applied: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    pub diff: Vec<FieldChange>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
+    /// The safety rules `force` overrode.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub overridden: Vec<Refusal>,
+    /// Pods the file no longer lists, deleted from the catalog (they had no tenants).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed_pods: Vec<String>,
+}
+
+/// Why a config reload did not happen; the running config stays in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this router was started without a config file, so there is nothing to re-read; run it with `podrouter serve --config FILE`")]
+    NoConfigFile,
+    #[error("{0}; the running config stays: fix the file and reload again (force does not override an invalid file)")]
+    Invalid(ConfigError),
+    #[error("reload refused, the running config stays: {}; fix the file, or reload with force (`podrouter config reload --force`, POST /v1/config/reload {{\"force\": true}}) to apply it anyway", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Refused(Vec<Refusal>),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+}
+
+impl ReloadError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ReloadError::NoConfigFile | ReloadError::Invalid(_) => ErrorKind::BadRequest,
+            ReloadError::Refused(_) => ErrorKind::Conflict,
+            ReloadError::Fleet(e) => e.kind,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ReloadError::NoConfigFile => "no_config_file",
+            ReloadError::Invalid(_) => "invalid_config",
+            ReloadError::Refused(_) => "reload_refused",
+            ReloadError::Fleet(e) => e.code,
+        }
+    }
+}
+
+impl From<CatalogError> for ReloadError {
+    fn from(e: CatalogError) -> Self {
+        ReloadError::Fleet(e.into())
+    }
+}
+
 pub struct Fleet {
     pub catalog: Catalog,
     pub table: SharedTable,
     pub proxy: Arc<Proxy>,
+    /// The config in force. Reload replace order: catalog (pods, version, audit) → `config`
+    /// → proxy settings (pools resized) → routes; readers load it whole, never a mix.
     pub config: ArcSwap<Config>,
     pub config_path: Option<PathBuf>,
     pub admin_token: Option<String>,
+    /// The file the running config came from (text, hash, explicit fields): what a reload is
+    /// diffed against. An async mutex because it is held across the whole reload, so that
+    /// a SIGHUP and an API call never interleave; the hot path never touches it.
+    source: tokio::sync::Mutex<ConfigSource>,
 }
 
 impl Fleet {
-    pub fn new(catalog: Catalog, config: Config, config_path: Option<PathBuf>) -> Fleet {
+    pub fn new(catalog: Catalog, source: ConfigSource, config_path: Option<PathBuf>) -> Fleet {
+        let config = source.config.clone();
         let admin_token = config.admin_token(config_path.as_deref().and_then(|p| p.parent()));
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let proxy = Arc::new(Proxy::new(table.clone(), &config));
@@ -121,6 +188,175 @@ impl Fleet {
             config: ArcSwap::from_pointee(config),
             config_path,
             admin_token,
+            source: tokio::sync::Mutex::new(source),
+        }
+    }
+
+    /// The text of the config file in force (as last applied).
+    pub async fn config_text(&self) -> String {
+        self.source.lock().await.text.clone()
+    }
+
+    /// Records the config this router starts with as a new version, unless the catalog's
+    /// latest version is the same file. A start is not refused (a restart is deliberate), but
+    /// what a reload would have refused is logged loudly and audited.
+    pub async fn record_start_config(&self) -> Result<Option<i64>, FleetError> {
+        let source = self.source.lock().await;
+        let previous = self.catalog.latest_config().await?;
+        if previous.as_ref().is_some_and(|p| p.hash == source.hash) {
+            return Ok(None);
+        }
+        let previous = previous.and_then(|p| {
+            ConfigSource::parse(&format!("config version {}", p.version), p.config?).ok()
+        });
+        let (diff, warnings) = match &previous {
+            Some(prev) => {
+                let tenants = self.tenants_per_pod().await?;
+                let warnings: Vec<Refusal> = config::reload_refusals(prev, &source, &tenants)
+                    .into_iter()
+                    .filter(|r| !config::RESTART_ONLY.contains(&r.field.as_str()))
+                    .collect();
+                (config::diff(&prev.config, &source.config), warnings)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        for w in &warnings {
+            tracing::warn!(
+                "started with a config that a reload would have refused: {w} (the previous config is in GET /v1/config/history)"
+            );
+        }
+        let diff = serde_json::json!(diff);
+        let version = self
+            .catalog
+            .record_start_config(
+                &NewConfigVersion {
+                    hash: &source.hash,
+                    text: &source.text,
+                    forced: false,
+                    diff: diff.clone(),
+                },
+                "podrouter",
+                serde_json::json!({"hash": source.hash, "diff": diff, "warnings": warnings}),
+            )
+            .await?;
+        Ok(version)
+    }
+
+    /// Re-reads the config file and applies it if it is valid and safe (or `force`): what
+    /// SIGHUP and `POST /v1/config/reload` do. Validation errors are never overridden; a
+    /// refused or failed reload leaves the running config as it was. Audited either way.
+    pub async fn reload_config(
+        &self,
+        force: bool,
+        actor: &str,
+    ) -> Result<ReloadOutcome, ReloadError> {
+        let path = self
+            .config_path
+            .as_deref()
+            .ok_or(ReloadError::NoConfigFile)?;
+        let mut source = self.source.lock().await;
+        let file = path.display().to_string();
+        let new = match ConfigSource::load(path) {
+            Ok(new) => new,
+            Err(e) => {
+                let detail =
+                    serde_json::json!({"file": file, "force": force, "error": e.to_string()});
+                self.audit_quietly(actor, "config.reload_invalid", detail)
+                    .await;
+                return Err(ReloadError::Invalid(e));
+            }
+        };
+        if new.hash == source.hash {
+            return Ok(ReloadOutcome {
+                applied: false,
+                version: None,
+                hash: None,
+                diff: Vec::new(),
+                forced: false,
+                overridden: Vec::new(),
+                removed_pods: Vec::new(),
+            });
+        }
+        let tenants = self.tenants_per_pod().await?;
+        let refusals = config::reload_refusals(&source, &new, &tenants);
+        if !refusals.is_empty() && !force {
+            let detail = serde_json::json!({"file": file, "hash": new.hash, "refusals": refusals});
+            self.audit_quietly(actor, "config.reload_refused", detail)
+                .await;
+            return Err(ReloadError::Refused(refusals));
+        }
+        let forced = force && !refusals.is_empty();
+        let diff = config::diff(&source.config, &new.config);
+        let kept: std::collections::BTreeSet<&str> =
+            new.config.pods.iter().map(|p| p.name.as_str()).collect();
+        let dropped: Vec<String> = source
+            .config
+            .pods
+            .iter()
+            .filter(|p| !kept.contains(p.name.as_str()))
+            .map(|p| p.name.clone())
+            .collect();
+        let applied = self
+            .catalog
+            .apply_config(
+                &NewConfigVersion {
+                    hash: &new.hash,
+                    text: &new.text,
+                    forced,
+                    diff: serde_json::json!(diff),
+                },
+                &pod_rows(&new.config),
+                &dropped,
+                actor,
+                serde_json::json!({"file": file, "hash": new.hash, "force": force, "overridden": refusals, "diff": diff}),
+            )
+            .await?;
+        let mut running = new.config.clone();
+        running.keep_restart_only(&self.config.load());
+        let settings = ProxySettings::from_config(&running);
+        self.config.store(Arc::new(running));
+        self.proxy.apply_settings(settings);
+        if let Err(e) = self.reload_routes().await {
+            // The catalog NOTIFYed; the follower retries, so routes catch up.
+            tracing::warn!(
+                "config version {} applied, but reloading routes failed: {e}",
+                applied.version
+            );
+        }
+        for pod in &applied.kept_pods {
+            tracing::warn!(pod, "the config no longer lists this pod, but tenants still live on it; it stays in the catalog until they are moved");
+        }
+        tracing::info!(
+            version = applied.version,
+            changes = diff.len(),
+            forced,
+            "config reloaded"
+        );
+        let outcome = ReloadOutcome {
+            applied: true,
+            version: Some(applied.version),
+            hash: Some(new.hash.clone()),
+            diff,
+            forced,
+            overridden: refusals,
+            removed_pods: applied.removed_pods,
+        };
+        *source = new;
+        Ok(outcome)
+    }
+
+    async fn tenants_per_pod(&self) -> Result<BTreeMap<String, usize>, FleetError> {
+        let mut out = BTreeMap::new();
+        for t in self.catalog.snapshot().await?.tenants {
+            *out.entry(t.pod).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    /// Audits a reload that did not happen; the caller's answer matters more than the row.
+    async fn audit_quietly(&self, actor: &str, action: &str, detail: serde_json::Value) {
+        if let Err(e) = self.catalog.audit(actor, action, "config", detail).await {
+            tracing::warn!("cannot audit {action}: {e}");
         }
     }
 
@@ -134,18 +370,8 @@ impl Fleet {
 
     /// Writes the config's pods into the catalog (the config wins for the fields it sets).
     pub async fn sync_pods_from_config(&self) -> Result<(), FleetError> {
-        let config = self.config.load();
-        for p in &config.pods {
-            self.catalog
-                .upsert_pod(&PodRow {
-                    name: p.name.clone(),
-                    primary_url: p.primary.clone(),
-                    replicas: p.replicas.clone(),
-                    http: p.http.clone(),
-                    weight: p.weight,
-                    accepting: p.accepting,
-                })
-                .await?;
+        for pod in pod_rows(&self.config.load()) {
+            self.catalog.upsert_pod(&pod).await?;
         }
         Ok(())
     }
@@ -434,6 +660,21 @@ async fn futures_join_all<F: std::future::Future<Output = String> + Send + 'stat
         out.push(h.await.unwrap_or_else(|e| format!("down: {e}")));
     }
     out
+}
+
+fn pod_rows(config: &Config) -> Vec<PodRow> {
+    config
+        .pods
+        .iter()
+        .map(|p| PodRow {
+            name: p.name.clone(),
+            primary_url: p.primary.clone(),
+            replicas: p.replicas.clone(),
+            http: p.http.clone(),
+            weight: p.weight,
+            accepting: p.accepting,
+        })
+        .collect()
 }
 
 fn unknown_tenant(name: &str) -> FleetError {

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use podrouter::cli::{print_table, AdminClient};
-use podrouter::config::{Config, PoolMode};
+use podrouter::config::{Config, ConfigSource, PoolMode};
 use reqwest::Method;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -53,7 +53,7 @@ enum Command {
     },
     /// Start local Postgres pods, a catalog, sample tenants and a router: the embedded default.
     Demo(DemoCli),
-    /// Validate a config file.
+    /// Validate a config file; reload the running router's config; list applied versions.
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
@@ -100,6 +100,20 @@ struct DemoCli {
 enum ConfigCommand {
     /// Parse and validate a config; exit 0 when it is usable.
     Check { file: PathBuf },
+    /// Make the running router re-read its config file (like SIGHUP). Unsafe changes (a pool
+    /// shrunk by more than half, a pod with tenants dropped, a set field left to its default,
+    /// a field that needs a restart) are refused unless --force; an invalid file always is.
+    Reload {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Applied config versions, newest first, with what each changed.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Print the text of one applied config version (passwords redacted).
+    Show { version: i64 },
 }
 
 #[derive(Subcommand)]
@@ -160,9 +174,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let admin = cli.admin;
     match cli.command {
         Command::Serve { config } => {
-            let cfg = Config::load(&config)?;
-            let listeners = podrouter::service::Listeners::bind(&cfg).await?;
-            let running = podrouter::service::start(cfg, Some(config), listeners).await?;
+            let source = ConfigSource::load(&config)?;
+            // Registered before start, so an early SIGHUP waits instead of killing us.
+            let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("installing the SIGHUP handler")?;
+            let listeners = podrouter::service::Listeners::bind(&source.config).await?;
+            let running =
+                podrouter::service::start_with_source(source, Some(config), listeners).await?;
+            running.reload_on_sighup(hup);
             wait_for_stop().await;
             running.shutdown().await;
             Ok(ExitCode::SUCCESS)
@@ -200,6 +219,90 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Command::Config {
+            command: ConfigCommand::Reload { force },
+        } => {
+            let v = client(&admin)?
+                .call(
+                    Method::POST,
+                    "/v1/config/reload",
+                    Some(json!({"force": force})),
+                )
+                .await?;
+            if admin.json {
+                output(&admin, &v, None, &[]);
+            } else if v["applied"] == true {
+                println!(
+                    "applied config version {} ({} changes{})",
+                    v["version"],
+                    v["diff"].as_array().map_or(0, Vec::len),
+                    if v["forced"] == true { ", forced" } else { "" }
+                );
+                print_table(
+                    v["diff"].as_array().map(Vec::as_slice).unwrap_or(&[]),
+                    &["field", "old", "new", "after_restart"],
+                );
+            } else {
+                println!("the config file is unchanged; nothing to apply");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::History { limit },
+        } => {
+            let v = client(&admin)?
+                .call(
+                    Method::GET,
+                    &format!("/v1/config/history?limit={limit}"),
+                    None,
+                )
+                .await?;
+            if admin.json {
+                output(&admin, &v, None, &[]);
+                return Ok(ExitCode::SUCCESS);
+            }
+            // The table shows which fields each version changed; --json has the values.
+            let rows: Vec<Value> = v["versions"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .map(|ver| {
+                    let fields: Vec<&str> = ver["diff"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or(&[])
+                        .iter()
+                        .filter_map(|c| c["field"].as_str())
+                        .collect();
+                    json!({
+                        "version": ver["version"],
+                        "applied_at": ver["applied_at"],
+                        "forced": ver["forced"],
+                        "hash": ver["hash"].as_str().map(|h| h.get(..12).unwrap_or(h)),
+                        "changed": fields.join(","),
+                    })
+                })
+                .collect();
+            print_table(
+                &rows,
+                &["version", "applied_at", "forced", "hash", "changed"],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Show { version },
+        } => {
+            let v = client(&admin)?
+                .call(Method::GET, &format!("/v1/config/history/{version}"), None)
+                .await?;
+            if admin.json {
+                output(&admin, &v, None, &[]);
+            } else {
+                print!("{}", v["config"].as_str().unwrap_or_default());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Tenants { command } => {
             let client = client(&admin)?;
             let (v, list) = match command.unwrap_or(TenantsCommand::List) {

@@ -3,7 +3,7 @@
 //! tests bind `127.0.0.1:0` and run the real thing.
 
 use crate::catalog::Catalog;
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::fleet::{Fleet, FleetError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,16 +65,40 @@ pub struct Running {
 }
 
 /// Starts everything; returns once the listeners accept and the routing table is loaded.
+/// The file at `config_path` is read again for its text (recorded as a config version and
+/// diffed against by reloads); when it no longer matches `config`, the config written out
+/// stands in for it. Callers that loaded the file themselves use [`start_with_source`].
 pub async fn start(
     config: Config,
     config_path: Option<PathBuf>,
     listeners: Listeners,
 ) -> Result<Running, StartError> {
-    let catalog = Catalog::connect(&config.router.catalog_url, Duration::from_secs(30)).await?;
-    let fleet = Arc::new(Fleet::new(catalog, config, config_path));
+    let from_file = config_path
+        .as_deref()
+        .and_then(|p| ConfigSource::load(p).ok())
+        .filter(|s| s.config == config);
+    if from_file.is_none() && config_path.is_some() {
+        tracing::warn!("the config file changed since it was loaded; recording the config in memory instead (every field counts as set)");
+    }
+    let source = from_file.unwrap_or_else(|| ConfigSource::generated(config));
+    start_with_source(source, config_path, listeners).await
+}
+
+/// [`start`] with the config file as it was read (text, hash and explicit fields).
+pub async fn start_with_source(
+    source: ConfigSource,
+    config_path: Option<PathBuf>,
+    listeners: Listeners,
+) -> Result<Running, StartError> {
+    let catalog =
+        Catalog::connect(&source.config.router.catalog_url, Duration::from_secs(30)).await?;
+    let fleet = Arc::new(Fleet::new(catalog, source, config_path));
     fleet.sync_pods_from_config().await?;
     fleet.reload_routes().await?;
     fleet.sweep_interrupted().await?;
+    if let Some(version) = fleet.record_start_config().await? {
+        tracing::info!(version, "recorded the config as a new version");
+    }
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -149,6 +173,31 @@ impl Running {
 
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Reloads the config file (without force) at every signal `hup` delivers, until
+    /// shutdown. The caller registers `hup` (SIGHUP) before [`start`], so a signal that comes
+    /// early waits in it instead of killing the process.
+    pub fn reload_on_sighup(&self, mut hup: tokio::signal::unix::Signal) {
+        let fleet = self.fleet.clone();
+        let stop = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    got = hup.recv() => {
+                        if got.is_none() {
+                            return;
+                        }
+                        match fleet.reload_config(false, "sighup").await {
+                            Ok(o) if o.applied => tracing::info!(version = o.version, changes = o.diff.len(), "SIGHUP: config reloaded"),
+                            Ok(_) => tracing::info!("SIGHUP: the config file is unchanged"),
+                            Err(e) => tracing::error!("SIGHUP: {e}"),
+                        }
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -2,7 +2,7 @@
 //! builds the whole router, so tests drive it with `tower::ServiceExt::oneshot`.
 //! Errors are mapped to statuses in one place ([`AppError`]).
 
-use crate::fleet::{ErrorKind, Fleet, FleetError, NewTenant};
+use crate::fleet::{ErrorKind, Fleet, FleetError, NewTenant, ReloadError};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -26,6 +26,9 @@ pub fn app(fleet: AppState) -> Router {
         .route("/tenants/{tenant}", get(get_tenant).delete(delete_tenant))
         .route("/roles", post(put_role))
         .route("/audit", get(audit))
+        .route("/config/reload", post(reload_config))
+        .route("/config/history", get(config_history))
+        .route("/config/history/{version}", get(config_version))
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(fleet.clone(), require_token));
     Router::new()
@@ -41,16 +44,19 @@ pub fn app(fleet: AppState) -> Router {
 
 pub struct AppError(pub StatusCode, pub &'static str, pub String);
 
+fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 impl From<FleetError> for AppError {
     fn from(e: FleetError) -> Self {
-        let status = match e.kind {
-            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::Conflict => StatusCode::CONFLICT,
-            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        AppError(status, e.code, e.message)
+        AppError(status(e.kind), e.code, e.message)
     }
 }
 
@@ -210,6 +216,86 @@ async fn audit(
         .await
         .map_err(FleetError::from)?;
     Ok(Json(json!({ "entries": entries })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReloadRequest {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /v1/config/reload`: an empty body means `{"force": false}`. A refused reload's
+/// error also lists the refusals as `{"field", "reason"}`.
+async fn reload_config(State(fleet): State<AppState>, body: axum::body::Bytes) -> Response {
+    let req: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReloadRequest::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return AppError(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    format!("{e}; send {{\"force\": false}} or {{\"force\": true}}"),
+                )
+                .into_response()
+            }
+        }
+    };
+    match fleet.reload_config(req.force, "admin-api").await {
+        Ok(outcome) => Json(json!(outcome)).into_response(),
+        Err(e) => {
+            let mut error = json!({"code": e.code(), "message": e.to_string()});
+            if let ReloadError::Refused(refusals) = &e {
+                error["refusals"] = json!(refusals);
+            }
+            (status(e.kind()), Json(json!({ "error": error }))).into_response()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    #[serde(default = "default_history_limit")]
+    limit: i64,
+}
+
+fn default_history_limit() -> i64 {
+    50
+}
+
+async fn config_history(
+    State(fleet): State<AppState>,
+    Query(p): Query<HistoryParams>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let versions = fleet
+        .catalog
+        .config_versions(p.limit.clamp(1, 1000))
+        .await
+        .map_err(FleetError::from)?;
+    Ok(Json(json!({ "versions": versions })))
+}
+
+/// One version with its text (`config`), passwords in URLs redacted.
+async fn config_version(
+    State(fleet): State<AppState>,
+    Path(version): Path<i64>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mut v = fleet
+        .catalog
+        .config_version(version)
+        .await
+        .map_err(FleetError::from)?
+        .ok_or_else(|| {
+            AppError(
+                StatusCode::NOT_FOUND,
+                "unknown_config_version",
+                format!("config version {version} does not exist; list versions with GET /v1/config/history"),
+            )
+        })?;
+    v.config = v.config.map(|t| crate::config::redact_text(&t));
+    Ok(Json(json!(v)))
 }
 
 #[cfg(test)]

@@ -45,6 +45,37 @@ pub struct RoleRow {
     pub verifier: String,
 }
 
+/// One applied config, as `GET /v1/config/history` lists it; `config` (the file's text) only
+/// when one version is asked for.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigVersionRow {
+    pub version: i64,
+    pub hash: String,
+    pub applied_at: chrono::DateTime<chrono::Utc>,
+    pub forced: bool,
+    pub diff: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+/// A config about to be recorded.
+pub struct NewConfigVersion<'a> {
+    pub hash: &'a str,
+    pub text: &'a str,
+    pub forced: bool,
+    pub diff: serde_json::Value,
+}
+
+/// What [`Catalog::apply_config`] did.
+#[derive(Debug, Clone)]
+pub struct AppliedConfig {
+    pub version: i64,
+    /// Pods removed from the file and deleted from the catalog.
+    pub removed_pods: Vec<String>,
+    /// Pods removed from the file but kept because tenants still live on them (forced).
+    pub kept_pods: Vec<String>,
+}
+
 /// Everything a RoutingTable is built from, read in one transaction.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -152,24 +183,149 @@ impl Catalog {
 
     /// Inserts or updates a pod from the config (the config wins for the fields it sets).
     pub async fn upsert_pod(&self, pod: &PodRow) -> Result<(), CatalogError> {
-        sqlx::query(
-            "INSERT INTO pods (name, primary_url, replicas, http, weight, accepting)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (name) DO UPDATE SET primary_url = excluded.primary_url,
-                 replicas = excluded.replicas, http = excluded.http, weight = excluded.weight,
-                 accepting = excluded.accepting, updated_at = now()
-             WHERE (pods.primary_url, pods.replicas, pods.http, pods.weight, pods.accepting)
-                   IS DISTINCT FROM (excluded.primary_url, excluded.replicas, excluded.http, excluded.weight, excluded.accepting)",
+        let mut conn = self.pool.acquire().await?;
+        upsert_pod(&mut conn, pod).await
+    }
+
+    /// Records a reloaded config in one transaction with what it changes in the catalog: its
+    /// pods upserted, pods it no longer lists deleted when no tenant lives on them (each
+    /// audited), the version row, and the `config.reload` audit row (`detail` plus the
+    /// version); then NOTIFY.
+    pub async fn apply_config(
+        &self,
+        version: &NewConfigVersion<'_>,
+        pods: &[PodRow],
+        dropped_pods: &[String],
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<AppliedConfig, CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        for pod in pods {
+            upsert_pod(&mut tx, pod).await?;
+        }
+        let (mut removed_pods, mut kept_pods) = (Vec::new(), Vec::new());
+        for name in dropped_pods {
+            // Tenants reference their pod, so a pod with tenants is never deleted here.
+            let n = sqlx::query(
+                "DELETE FROM pods p WHERE p.name = $1
+                   AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.pod = p.name)",
+            )
+            .bind(name)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n > 0 {
+                audit(
+                    &mut tx,
+                    actor,
+                    "pod.delete",
+                    name,
+                    serde_json::json!({"reason": "removed from the config file by a reload"}),
+                )
+                .await?;
+                removed_pods.push(name.clone());
+            } else {
+                kept_pods.push(name.clone());
+            }
+        }
+        let v = insert_config_version(&mut tx, version).await?;
+        let mut detail = detail;
+        if let Some(d) = detail.as_object_mut() {
+            d.insert("version".into(), v.into());
+            d.insert("removed_pods".into(), serde_json::json!(removed_pods));
+            d.insert("kept_pods".into(), serde_json::json!(kept_pods));
+        }
+        audit(
+            &mut tx,
+            actor,
+            "config.reload",
+            &format!("version {v}"),
+            detail,
         )
-        .bind(&pod.name)
-        .bind(&pod.primary_url)
-        .bind(sqlx::types::Json(&pod.replicas))
-        .bind(sqlx::types::Json(&pod.http))
-        .bind(pod.weight)
-        .bind(pod.accepting)
-        .execute(&self.pool)
         .await?;
-        Ok(())
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(AppliedConfig {
+            version: v,
+            removed_pods,
+            kept_pods,
+        })
+    }
+
+    /// Records the config a router starts with, unless it is the latest version already (so
+    /// restarts do not add duplicates). Returns the new version, if one was added.
+    pub async fn record_start_config(
+        &self,
+        version: &NewConfigVersion<'_>,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<Option<i64>, CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        // Routers starting together must not both record the same file.
+        sqlx::query("LOCK TABLE config_versions IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let latest: Option<String> =
+            sqlx::query_scalar("SELECT hash FROM config_versions ORDER BY version DESC LIMIT 1")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if latest.as_deref() == Some(version.hash) {
+            return Ok(None);
+        }
+        let v = insert_config_version(&mut tx, version).await?;
+        audit(
+            &mut tx,
+            actor,
+            "config.start",
+            &format!("version {v}"),
+            detail,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(v))
+    }
+
+    /// The newest recorded config, with its text.
+    pub async fn latest_config(&self) -> Result<Option<ConfigVersionRow>, CatalogError> {
+        self.fetch_config_version(None).await
+    }
+
+    /// Recorded configs, newest first, without their text.
+    pub async fn config_versions(&self, limit: i64) -> Result<Vec<ConfigVersionRow>, CatalogError> {
+        let rows = sqlx::query(
+            "SELECT version, hash, applied_at, forced, diff FROM config_versions
+              ORDER BY version DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| config_version_row(r, false))
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// One recorded config with its text.
+    pub async fn config_version(
+        &self,
+        version: i64,
+    ) -> Result<Option<ConfigVersionRow>, CatalogError> {
+        self.fetch_config_version(Some(version)).await
+    }
+
+    /// `version`, or the newest when `None`.
+    async fn fetch_config_version(
+        &self,
+        version: Option<i64>,
+    ) -> Result<Option<ConfigVersionRow>, CatalogError> {
+        let row = sqlx::query(
+            "SELECT version, hash, applied_at, forced, diff, config FROM config_versions
+              WHERE version = coalesce($1, (SELECT max(version) FROM config_versions))",
+        )
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| config_version_row(&r, true)).transpose()?)
     }
 
     pub async fn upsert_role(
@@ -330,6 +486,61 @@ async fn audit(
         .execute(conn)
         .await?;
     Ok(())
+}
+
+async fn upsert_pod(conn: &mut sqlx::PgConnection, pod: &PodRow) -> Result<(), CatalogError> {
+    sqlx::query(
+        "INSERT INTO pods (name, primary_url, replicas, http, weight, accepting)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (name) DO UPDATE SET primary_url = excluded.primary_url,
+             replicas = excluded.replicas, http = excluded.http, weight = excluded.weight,
+             accepting = excluded.accepting, updated_at = now()
+         WHERE (pods.primary_url, pods.replicas, pods.http, pods.weight, pods.accepting)
+               IS DISTINCT FROM (excluded.primary_url, excluded.replicas, excluded.http, excluded.weight, excluded.accepting)",
+    )
+    .bind(&pod.name)
+    .bind(&pod.primary_url)
+    .bind(sqlx::types::Json(&pod.replicas))
+    .bind(sqlx::types::Json(&pod.http))
+    .bind(pod.weight)
+    .bind(pod.accepting)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_config_version(
+    conn: &mut sqlx::PgConnection,
+    v: &NewConfigVersion<'_>,
+) -> Result<i64, CatalogError> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO config_versions (hash, forced, config, diff) VALUES ($1, $2, $3, $4)
+         RETURNING version",
+    )
+    .bind(v.hash)
+    .bind(v.forced)
+    .bind(v.text)
+    .bind(&v.diff)
+    .fetch_one(conn)
+    .await?)
+}
+
+fn config_version_row(
+    r: &sqlx::postgres::PgRow,
+    with_text: bool,
+) -> Result<ConfigVersionRow, sqlx::Error> {
+    Ok(ConfigVersionRow {
+        version: r.try_get("version")?,
+        hash: r.try_get("hash")?,
+        applied_at: r.try_get("applied_at")?,
+        forced: r.try_get("forced")?,
+        diff: r.try_get("diff")?,
+        config: if with_text {
+            Some(r.try_get("config")?)
+        } else {
+            None
+        },
+    })
 }
 
 async fn notify(conn: &mut sqlx::PgConnection) -> Result<(), CatalogError> {

@@ -162,6 +162,64 @@ impl TestFleet {
             .expect("connect through the router")
     }
 
+    /// The router's config text with fixed ports for the wire and admin listeners (instead of
+    /// `:0`), for running the real binary on the same catalog and pods.
+    pub fn config_with_ports(&self, listen: u16, admin_listen: u16) -> String {
+        std::fs::read_to_string(&self.config_path)
+            .unwrap()
+            .replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{listen}\""),
+                1,
+            )
+            .replacen(
+                "admin_listen = \"127.0.0.1:0\"",
+                &format!("admin_listen = \"127.0.0.1:{admin_listen}\""),
+                1,
+            )
+    }
+
+    /// Rewrites the router's config file with `edit` applied to its text (asserting that
+    /// the edit changed something, so a test never reloads the same file by mistake).
+    pub fn edit_config(&self, edit: impl FnOnce(&str) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        let new = edit(&text);
+        assert_ne!(new, text, "the edit left the config as it was");
+        std::fs::write(&self.config_path, new).unwrap();
+    }
+
+    /// Calls the admin API in-process (`admin::app` with `oneshot`) with the fleet's token;
+    /// returns the status and the JSON body.
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (axum::http::StatusCode, serde_json::Value) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let req = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {}", self.token));
+        let req = match body {
+            Some(b) => req
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(b.to_string())),
+            None => req.body(axum::body::Body::empty()),
+        }
+        .unwrap();
+        let resp = podrouter::admin::app(self.fleet())
+            .oneshot(req)
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, v)
+    }
+
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await;
