@@ -172,6 +172,23 @@ async fn pgbench_runs_through_the_router() {
             .unwrap();
         assert_eq!(row.get::<_, i64>(0), row.get::<_, i64>(1), "{mode}");
         assert_eq!(row.get::<_, i64>(2) as u64, processed, "{mode}");
+        if mode == "transaction" {
+            // Named prepared statements with more clients (12) than server connections (6).
+            for script in [&["-S"][..], &[][..]] {
+                let run = Command::new(tool("pgbench"))
+                    .args(["-n", "-M", "prepared", "-c", "12", "-j", "2", "-T", "3"])
+                    .args(script)
+                    .arg(&url)
+                    .output()
+                    .unwrap();
+                let out = String::from_utf8_lossy(&run.stdout);
+                assert!(
+                    run.status.success() && out.contains("number of failed transactions: 0"),
+                    "pgbench -M prepared {script:?}: {out}{}",
+                    String::from_utf8_lossy(&run.stderr)
+                );
+            }
+        }
     }
 }
 

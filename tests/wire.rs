@@ -527,3 +527,111 @@ async fn extended_protocol_and_errors_in_a_pipeline() {
     let sum: i64 = rows.iter().map(|r| r.get::<_, i32>(0) as i64).sum();
     assert_eq!(sum, 5000 * 5001 / 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_work_across_shared_server_connections() {
+    let f = TestFleet::start(Options {
+        pods: 1,
+        mode: PoolMode::Transaction,
+        pool_size: 2,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("acme", 0).await;
+    let setup = f.connect("acme").await;
+    setup.batch_execute("create table kv (k int primary key, v text); insert into kv select g, 'v' || g from generate_series(1, 100) g").await.unwrap();
+    // Eight clients on two server connections, each with statements under the same names
+    // (tokio-postgres names them s0, s1, ...), reused across many transactions.
+    let mut tasks = Vec::new();
+    for i in 0..8i32 {
+        let url = f.app_url("acme");
+        tasks.push(tokio::spawn(async move {
+            let c = connect(&url).await.unwrap();
+            let get = c.prepare("select v from kv where k = $1").await.unwrap();
+            let add = c.prepare("select $1::int + $2::int").await.unwrap();
+            for j in 0..50i32 {
+                let k = 1 + (i * 7 + j) % 100;
+                let v: String = c.query_one(&get, &[&k]).await.unwrap().get(0);
+                assert_eq!(v, format!("v{k}"));
+                let s: i32 = c.query_one(&add, &[&i, &j]).await.unwrap().get(0);
+                assert_eq!(s, i + j);
+            }
+            // A statement closed by one client stays usable for the others.
+            drop(add);
+            let again = c.prepare("select $1::int + $2::int").await.unwrap();
+            let s: i32 = c.query_one(&again, &[&1i32, &2i32]).await.unwrap().get(0);
+            assert_eq!(s, 3);
+            // An error inside a pipeline is reported and the statements keep working.
+            let bad = c.prepare("select 1 / $1::int").await.unwrap();
+            assert_eq!(
+                code(&c.query_one(&bad, &[&0i32]).await.unwrap_err()),
+                "22012"
+            );
+            let v: String = c.query_one(&get, &[&5i32]).await.unwrap().get(0);
+            assert_eq!(v, "v5");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // A statement that fails to prepare is an error for that client only.
+    let c = f.connect("acme").await;
+    assert_eq!(
+        code(&c.prepare("select * from no_such_table").await.unwrap_err()),
+        "42P01"
+    );
+    assert_eq!(
+        c.query_one("select count(*) from kv", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0),
+        100
+    );
+    // DISCARD ALL from a client does not leave the router believing statements still exist.
+    let st = c.prepare("select v from kv where k = $1").await.unwrap();
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    let v: String = c.query_one(&st, &[&7i32]).await.unwrap().get(0);
+    assert_eq!(v, "v7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_connection_is_reused_after_copy_and_errors() {
+    for mode in [PoolMode::Session, PoolMode::Transaction] {
+        let f = TestFleet::start(Options {
+            pods: 1,
+            mode,
+            pool_size: 1,
+            ..Default::default()
+        })
+        .await;
+        f.tenant("acme", 0).await;
+        let pid = |c: tokio_postgres::Client| async move {
+            c.query_one("select pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get::<_, i32>(0)
+        };
+        let c = f.connect("acme").await;
+        c.batch_execute("create table t (x int)").await.unwrap();
+        let first = c
+            .query_one("select pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0);
+        // COPY through the extended protocol (Sync sent before the data), then an error.
+        let sink = c.copy_in("copy t from stdin").await.unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n"))
+            .await
+            .unwrap();
+        sink.finish().await.unwrap();
+        assert!(c.simple_query("select 1/0").await.is_err());
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let again = pid(f.connect("acme").await).await;
+        assert_eq!(
+            first, again,
+            "{mode}: the one server connection was pooled again, not closed"
+        );
+    }
+}

@@ -8,6 +8,7 @@
 
 pub mod cancel;
 pub mod pool;
+pub mod prepared;
 pub mod server;
 pub mod session;
 pub mod startup;

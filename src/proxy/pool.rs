@@ -44,6 +44,8 @@ pub struct Pool {
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<ServerConn>>,
     auth: Mutex<PoolAuth>,
+    /// Prepared statements known to parse on this pool's servers.
+    pub known: super::prepared::KnownStatements,
 }
 
 struct PoolAuth {
@@ -69,6 +71,7 @@ impl Pool {
                 client_key: None,
                 verifier,
             }),
+            known: Default::default(),
         }
     }
 
@@ -85,16 +88,19 @@ impl Pool {
     pub async fn checkout(&self, limits: &PoolLimits) -> Result<Checkout, CheckoutError> {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
-            Err(_) => tokio::time::timeout(
-                limits.checkout_timeout,
-                self.permits.clone().acquire_owned(),
-            )
-            .await
-            .map_err(|_| CheckoutError::Timeout {
-                size: self.size(),
-                waited: limits.checkout_timeout,
-            })?
-            .expect("pool semaphores are never closed"),
+            Err(_) => {
+                tracing::trace!(tenant = %self.key.tenant, "checkout waits");
+                tokio::time::timeout(
+                    limits.checkout_timeout,
+                    self.permits.clone().acquire_owned(),
+                )
+                .await
+                .map_err(|_| CheckoutError::Timeout {
+                    size: self.size(),
+                    waited: limits.checkout_timeout,
+                })?
+                .expect("pool semaphores are never closed")
+            }
         };
         loop {
             let conn = self.idle.lock().pop();

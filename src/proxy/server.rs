@@ -74,6 +74,8 @@ pub struct ServerConn {
     /// Generation of the client parameters this connection was last synced to, with the
     /// client's id, so a client that gets the same connection back skips the comparison.
     pub synced_for: Option<(u64, u64)>,
+    /// Named statements prepared on this connection by the transaction-mode rewriter.
+    pub prepared: super::prepared::ServerStatements,
 }
 
 impl ServerConn {
@@ -105,6 +107,7 @@ impl ServerConn {
             created: Instant::now(),
             last_used: Instant::now(),
             synced_for: None,
+            prepared: Default::default(),
         };
         let mut out = BytesMut::new();
         frontend::startup_message(

@@ -10,6 +10,7 @@
 
 use super::cancel::{send_cancel, BackendTarget, CancelSlot};
 use super::pool::{Checkout, CheckoutError, Pool, PoolKey};
+use super::prepared::{self, ClientStatements, Replies, Step};
 use super::startup::Authenticated;
 use super::Proxy;
 use crate::config::PoolMode;
@@ -21,6 +22,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+/// How long a server may take to finish replying after its client left.
+const DRAIN_ON_EXIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Bytes queued towards one side before the relay stops reading from the other.
 const HIGH_WATER: usize = 256 * 1024;
@@ -64,12 +68,12 @@ pub struct Session<'a> {
     sout: BytesMut,
     cscan: Scan,
     sscan: Scan,
-    /// Queries and Syncs sent whose ReadyForQuery has not come back.
-    pending: u32,
-    /// Messages sent since the last Sync/Query (an extended-protocol batch in progress).
-    unsynced: bool,
     status: u8,
     terminate: bool,
+    /// The replies still expected from the server, in order (both modes); in transaction
+    /// mode also the client's named statements.
+    replies: Replies,
+    stmts: ClientStatements,
 }
 
 impl<'a> Session<'a> {
@@ -98,10 +102,10 @@ impl<'a> Session<'a> {
             sout: BytesMut::new(),
             cscan: Scan::default(),
             sscan: Scan::default(),
-            pending: 0,
-            unsynced: false,
             status: b'I',
             terminate: false,
+            stmts: ClientStatements::default(),
+            replies: Replies::default(),
         }
     }
 
@@ -161,6 +165,11 @@ impl<'a> Session<'a> {
             }
             co.conn.synced_for = Some((self.client_id, self.params_gen));
         }
+        tracing::trace!(
+            client = self.client_id,
+            backend = co.conn.backend_pid,
+            "attach"
+        );
         self.slot.attach(BackendTarget {
             addr: co.conn.addr,
             pid: co.conn.backend_pid,
@@ -170,6 +179,11 @@ impl<'a> Session<'a> {
     }
 
     fn release(&mut self, co: Checkout) {
+        tracing::trace!(
+            client = self.client_id,
+            backend = co.conn.backend_pid,
+            "release"
+        );
         self.slot.detach();
         self.pool.release(co);
     }
@@ -245,9 +259,8 @@ impl<'a> Session<'a> {
 
     /// The server is clean when no request is outstanding and no transaction is open.
     fn server_clean(&self) -> bool {
-        self.pending == 0
+        self.replies.is_empty()
             && self.status == b'I'
-            && !self.unsynced
             && self.cscan.remaining == 0
             && self.sscan.remaining == 0
             && self.cout.is_empty()
@@ -258,15 +271,21 @@ impl<'a> Session<'a> {
     async fn finish_server(&mut self, mut co: Checkout) {
         self.slot.detach();
         if !self.server_clean() {
-            if self.pending > 0 {
-                send_cancel(BackendTarget {
-                    addr: co.conn.addr,
-                    pid: co.conn.backend_pid,
-                    secret: co.conn.backend_secret,
-                })
-                .await;
+            // A client that leaves right after its last request (a statement Close and Sync
+            // still in flight, say) leaves a server that is idle a moment later: wait a
+            // little for the replies rather than throw the connection away.
+            let settled = tokio::time::timeout(DRAIN_ON_EXIT, self.drain(&mut co)).await;
+            if !matches!(settled, Ok(Ok(()))) || !self.server_clean() {
+                if !self.replies.is_empty() {
+                    send_cancel(BackendTarget {
+                        addr: co.conn.addr,
+                        pid: co.conn.backend_pid,
+                        secret: co.conn.backend_secret,
+                    })
+                    .await;
+                }
+                return; // dropping `co` closes the connection; the backend rolls back
             }
-            return; // dropping `co` closes the connection; the backend rolls back
         }
         if self.mode() == PoolMode::Session {
             let s = self.proxy.settings();
@@ -279,8 +298,31 @@ impl<'a> Session<'a> {
                 return;
             }
             co.conn.synced_for = None;
+            co.conn.prepared.clear();
         }
         self.pool.release(co);
+    }
+
+    /// After the client left: sends what it had fully queued and reads the server's replies
+    /// (discarding them) until nothing is outstanding.
+    async fn drain(&mut self, co: &mut Checkout) -> std::io::Result<()> {
+        if self.cscan.remaining > 0 {
+            return Err(std::io::ErrorKind::InvalidData.into()); // half a message was sent
+        }
+        co.conn.stream.write_all(&self.cout).await?;
+        self.cout.clear();
+        loop {
+            self.scan_server(co)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidData))?;
+            self.sout.clear();
+            if self.server_clean() {
+                return Ok(());
+            }
+            reserve(&mut self.sin);
+            if co.conn.stream.read_buf(&mut self.sin).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
     }
 
     async fn fail(mut self, e: RouterError) {
@@ -298,8 +340,9 @@ impl<'a> Session<'a> {
     }
 
     /// Client → server: moves whole or partial messages from `cin` to `cout`, counting
-    /// Query/Sync and dropping Terminate.
-    fn scan_client(&mut self) -> Result<(), FrameError> {
+    /// requests, dropping Terminate, and in transaction mode renaming prepared statements.
+    fn scan_client(&mut self, co: &mut Checkout) -> Result<(), FrameError> {
+        let transaction = self.mode() == PoolMode::Transaction;
         loop {
             if self.cscan.remaining > 0 {
                 let n = self.cscan.remaining.min(self.cin.len());
@@ -320,27 +363,32 @@ impl<'a> Session<'a> {
             if !framing::is_frontend_tag(h.tag) || h.tag == b'p' {
                 return Err(FrameError::UnknownFrontendTag(h.tag));
             }
-            match h.tag {
-                b'X' => {
-                    self.terminate = true;
-                    continue;
-                }
-                // Each of these gets exactly one ReadyForQuery back.
-                b'Q' | b'S' | b'F' => {
-                    self.pending += 1;
-                    if h.tag != b'F' {
-                        self.unsynced = false;
-                    }
-                }
-                // Extended-protocol messages open a batch that only a Sync closes.
-                b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
-                // COPY data belongs to the Query or batch that started the COPY; Flush
-                // asks for output without ending anything.
-                _ => {}
+            if h.tag == b'X' {
+                self.terminate = true;
+                continue;
             }
-            let n = h.wire_len.min(self.cin.len());
+            let pass = if transaction {
+                match prepared::rewrite(
+                    h,
+                    &mut self.cin,
+                    &mut self.cout,
+                    &mut self.stmts,
+                    &mut co.conn.prepared,
+                    &mut self.replies,
+                )? {
+                    Step::NeedMore => return Ok(()),
+                    Step::Done { pass } => pass,
+                }
+            } else {
+                prepared::track(h, &mut self.replies);
+                h.wire_len
+            };
+            let n = pass.min(self.cin.len());
             forward(&mut self.cin, &mut self.cout, n);
-            self.cscan.remaining = h.wire_len - n;
+            self.cscan.remaining = pass - n;
+            if transaction && self.sscan.remaining == 0 {
+                self.replies.pump(&mut self.sout);
+            }
         }
     }
 
@@ -348,6 +396,7 @@ impl<'a> Session<'a> {
     /// ParameterStatus on the way. Returns true at a point where the server may be released
     /// (transaction mode).
     fn scan_server(&mut self, co: &mut Checkout) -> Result<bool, FrameError> {
+        let transaction = self.mode() == PoolMode::Transaction;
         loop {
             if self.sscan.remaining > 0 {
                 let n = self.sscan.remaining.min(self.sin.len());
@@ -358,9 +407,25 @@ impl<'a> Session<'a> {
                 self.sscan.remaining -= n;
                 continue;
             }
+            // The router's own replies that are due go out between whole messages.
+            self.replies.pump(&mut self.sout);
             let Some(h) = framing::peek_header(&self.sin)? else {
                 return Ok(false);
             };
+            if transaction {
+                let whole = self.replies.needs_whole(h.tag) || matches!(h.tag, b'Z' | b'S');
+                if whole && self.sin.len() < h.wire_len {
+                    return Ok(false);
+                }
+                if !self
+                    .replies
+                    .on_server(h.tag, &mut co.conn.prepared, &self.pool.known)
+                {
+                    // The reply to a message the router injected.
+                    let _ = self.sin.split_to(h.wire_len);
+                    continue;
+                }
+            }
             match h.tag {
                 b'Z' | b'S' => {
                     if self.sin.len() < h.wire_len {
@@ -369,7 +434,6 @@ impl<'a> Session<'a> {
                     let body = &self.sin[5..h.wire_len];
                     if h.tag == b'Z' {
                         self.status = body.first().copied().unwrap_or(b'I');
-                        self.pending = self.pending.saturating_sub(1);
                     } else if let Some((name, value)) = parameter_status(body) {
                         co.conn.set_param(&name, &value);
                         self.remember_param(&name, &value);
@@ -421,7 +485,7 @@ impl<'a> Session<'a> {
         shutdown: &CancellationToken,
     ) -> (Attached, Checkout) {
         let outcome = loop {
-            if let Err(e) = self.scan_client() {
+            if let Err(e) = self.scan_client(&mut co) {
                 break Attached::ClientBroke(RouterError::fatal(
                     sqlstate::PROTOCOL_VIOLATION,
                     format!("podrouter: protocol violation: {e}"),
@@ -467,20 +531,25 @@ impl<'a> Session<'a> {
     }
 
     /// Transaction mode between transactions: no server held. Flushes what is owed to the
-    /// client and waits for its next message.
+    /// client and waits for the start of its next message.
     async fn idle(&mut self, shutdown: &CancellationToken) -> Idle {
         loop {
-            if let Err(e) = self.scan_client() {
-                return Idle::End(Some(RouterError::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!("podrouter: protocol violation: {e}"),
-                )));
+            if let Err(e) = prepared::answer_without_server(
+                &mut self.cin,
+                &mut self.stmts,
+                &self.pool.known,
+                &mut self.sout,
+            ) {
+                return Idle::End(Some(violation(e)));
             }
-            if !self.cout.is_empty() {
-                return Idle::Work;
-            }
-            if self.terminate {
-                return Idle::End(None);
+            match framing::peek_header(&self.cin) {
+                Err(e) => return Idle::End(Some(violation(e))),
+                Ok(Some(h)) if !framing::is_frontend_tag(h.tag) || h.tag == b'p' => {
+                    return Idle::End(Some(violation(FrameError::UnknownFrontendTag(h.tag))))
+                }
+                Ok(Some(h)) if h.tag == b'X' => return Idle::End(None),
+                Ok(Some(_)) => return Idle::Work,
+                Ok(None) => {}
             }
             reserve(&mut self.cin);
             let (mut cr, mut cw) = self.client.split();
@@ -512,6 +581,13 @@ const TRACKED: &[&str] = &[
     "TimeZone",
     "standard_conforming_strings",
 ];
+
+fn violation(e: FrameError) -> RouterError {
+    RouterError::fatal(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("podrouter: protocol violation: {e}"),
+    )
+}
 
 fn shutting_down() -> RouterError {
     RouterError::fatal(

@@ -73,6 +73,11 @@ pub struct TestFleet {
 
 impl TestFleet {
     pub async fn start(opts: Options) -> TestFleet {
+        // RUST_LOG=podrouter=trace shows the router's own logs in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempdir();
         let mut pods = Vec::new();
         for i in 0..opts.pods {

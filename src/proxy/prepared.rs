@@ -1,0 +1,827 @@
+//! Named prepared statements in transaction mode, where a client's statements must exist on
+//! whichever server connection it lands on.
+//!
+//! * Server-side names are content-addressed: `pr_` + 128 bits of SHA-256 over the Parse
+//!   body (query text and parameter types). Every client that prepares the same query shares
+//!   one server statement per server connection, and equal client names from different
+//!   clients never collide.
+//! * Each client keeps its own name → statement map ([`ClientStatements`]). Each server
+//!   connection remembers which statements it holds ([`ServerStatements`], bounded, least
+//!   recently used evicted with a Close).
+//! * Rewriting client → server: Parse is renamed (or answered by the router when the server
+//!   already holds the statement); Bind and Describe are renamed, with a Parse injected first
+//!   when the statement is missing on this server; Close of a statement is answered by the
+//!   router (server statements are shared).
+//! * Server → client: an ordered queue of expected replies ([`Replies`]) tells the relay
+//!   which reply belongs to which message, so replies to injected messages are dropped and
+//!   the router's own replies are inserted exactly where the server's would have been.
+//!   After an ErrorResponse the server skips to Sync, and so does the queue.
+
+use crate::protocol::framing::{take_cstr, FrameError, Header};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+/// Statements a pool remembers as known to parse before it starts over.
+pub const KNOWN_LIMIT: usize = 10_000;
+
+/// Statements a server connection keeps before evicting the least recently used.
+pub const SERVER_CACHE_SIZE: usize = 512;
+
+type Key = [u8; 16];
+
+/// One statement as a client prepared it.
+#[derive(Debug)]
+pub struct Statement {
+    key: Key,
+    /// The server-side name, `pr_<32 hex>`.
+    name: String,
+    /// The Parse body after the statement name: query, parameter count and types.
+    body: Bytes,
+}
+
+impl Statement {
+    fn new(body: Bytes) -> Statement {
+        let digest = Sha256::digest(&body);
+        let key: Key = digest[..16].try_into().expect("16 bytes");
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        Statement {
+            key,
+            name: format!("pr_{hex}"),
+            body,
+        }
+    }
+}
+
+/// A client's named statements.
+#[derive(Default)]
+pub struct ClientStatements {
+    by_name: HashMap<String, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// Statements prepared on one server connection.
+#[derive(Default, Debug)]
+pub struct ServerStatements {
+    entries: HashMap<Key, u64>,
+    tick: u64,
+}
+
+impl ServerStatements {
+    fn has(&mut self, key: &Key) -> bool {
+        self.tick += 1;
+        match self.entries.get_mut(key) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, key: Key) {
+        self.tick += 1;
+        self.entries.insert(key, self.tick);
+    }
+
+    fn remove(&mut self, key: &Key) {
+        self.entries.remove(key);
+    }
+
+    /// Forgets everything (after DISCARD ALL / DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    fn oldest(&self) -> Option<Key> {
+        self.entries
+            .iter()
+            .min_by_key(|(_, t)| **t)
+            .map(|(k, _)| *k)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Statements that some server connection of a pool has parsed successfully. A client that
+/// prepares one of them between transactions is answered by the router without waiting for
+/// a server connection: a client library that prepares synchronously (libpq's PQprepare,
+/// as pgbench -M prepared does) would otherwise block its other connections, which may hold
+/// every server connection mid-transaction, until the checkout deadline.
+#[derive(Default)]
+pub struct KnownStatements(parking_lot::Mutex<HashSet<Key>>);
+
+impl KnownStatements {
+    fn insert(&self, key: Key) {
+        let mut set = self.0.lock();
+        if set.len() >= KNOWN_LIMIT {
+            set.clear(); // rare; the cost is a few statements going to a server again
+        }
+        set.insert(key);
+    }
+
+    fn contains(&self, key: &Key) -> bool {
+        self.0.lock().contains(key)
+    }
+}
+
+/// Between transactions (no server held, so the client is outside any transaction):
+/// answers Parse of statements the pool knows, Sync and Flush without a server. Stops at the
+/// first message that needs one. Returns whether anything was answered.
+pub fn answer_without_server(
+    input: &mut BytesMut,
+    stmts: &mut ClientStatements,
+    known: &KnownStatements,
+    to_client: &mut BytesMut,
+) -> Result<bool, FrameError> {
+    let mut answered = false;
+    while let Some(h) = crate::protocol::framing::peek_header(input)? {
+        if input.len() < h.wire_len {
+            break;
+        }
+        match h.tag {
+            b'P' => {
+                let mut body = &input[5..h.wire_len];
+                let name = take_cstr(&mut body).map_err(|_| malformed("bad Parse message"))?;
+                if name.is_empty() {
+                    break;
+                }
+                let stmt = Statement::new(Bytes::copy_from_slice(body));
+                if !known.contains(&stmt.key) {
+                    break;
+                }
+                stmts.by_name.insert(name.to_owned(), Arc::new(stmt));
+                put_message(to_client, b'1', &[]);
+            }
+            b'S' => put_message(to_client, b'Z', &[b"I"]),
+            b'H' => {}
+            _ => break,
+        }
+        input.advance(h.wire_len);
+        answered = true;
+    }
+    Ok(answered)
+}
+
+/// What happens to the reply of a message sent to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    /// The client asked; its reply goes to the client.
+    Forward,
+    /// The router injected the message; its reply is dropped.
+    Swallow,
+    /// Nothing was sent: the router answers the client with this message type itself.
+    Synthesize(u8),
+}
+
+/// Which server message completes the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    /// ParseComplete, BindComplete or CloseComplete.
+    Tag(u8),
+    /// RowDescription or NoData (after an optional ParameterDescription).
+    Describe,
+    /// CommandComplete, EmptyQueryResponse or PortalSuspended.
+    Execute,
+    /// ReadyForQuery: Sync, Query, FunctionCall.
+    Ready,
+    /// Not a reply: marks where the client ended a COPY IN (CopyDone/CopyFail) before the
+    /// server said the COPY had started.
+    CopyEnd,
+}
+
+#[derive(Debug)]
+struct Expect {
+    reply: Reply,
+    ends: Ends,
+    /// For a Parse: the statement it creates, forgotten again if the Parse fails.
+    parsed: Option<Key>,
+    /// A Query that may drop every prepared statement (DISCARD ALL, DEALLOCATE).
+    clears: bool,
+}
+
+/// The ordered replies the router still expects from the server.
+#[derive(Default, Debug)]
+pub struct Replies {
+    queue: VecDeque<Expect>,
+    /// The server is in COPY IN and the client has not ended it: Postgres ignores Sync and
+    /// Flush until CopyDone/CopyFail, so they expect no reply.
+    copy_in: bool,
+}
+
+impl Replies {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn push(&mut self, reply: Reply, ends: Ends) {
+        self.queue.push_back(Expect {
+            reply,
+            ends,
+            parsed: None,
+            clears: false,
+        });
+    }
+
+    /// Writes the router's own replies that are now due (at the head of the queue).
+    pub fn pump(&mut self, to_client: &mut BytesMut) {
+        while let Some(head) = self.queue.front() {
+            match (head.reply, head.ends) {
+                (Reply::Synthesize(tag), _) => {
+                    to_client.put_u8(tag);
+                    to_client.put_i32(4);
+                }
+                (_, Ends::CopyEnd) => {} // a COPY that never started
+                _ => return,
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    /// The client sent CopyDone or CopyFail.
+    fn copy_end(&mut self) {
+        if self.copy_in {
+            self.copy_in = false;
+        } else {
+            self.push(Reply::Forward, Ends::CopyEnd);
+        }
+    }
+
+    /// The server started a COPY IN (CopyInResponse): the Syncs the client sent after the
+    /// COPY's message and before ending the COPY are ignored by the server.
+    fn copy_in_started(&mut self) {
+        let mut i = 1;
+        while i < self.queue.len() {
+            match self.queue[i].ends {
+                Ends::CopyEnd => {
+                    self.queue.remove(i);
+                    return;
+                }
+                Ends::Ready => {
+                    self.queue.remove(i);
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = true;
+    }
+
+    /// True when the server message with this tag must be read whole before deciding
+    /// (it may be dropped).
+    pub fn needs_whole(&self, tag: u8) -> bool {
+        matches!(tag, b'1' | b'3')
+            && matches!(self.queue.front(), Some(e) if e.reply == Reply::Swallow)
+    }
+
+    /// Accounts for one server message; returns whether it goes to the client. Statements
+    /// that parse successfully are added to `known`.
+    pub fn on_server(
+        &mut self,
+        tag: u8,
+        server: &mut ServerStatements,
+        known: &KnownStatements,
+    ) -> bool {
+        let Some(head) = self.queue.front() else {
+            return true; // asynchronous messages outside any request
+        };
+        match (tag, head.ends) {
+            (b'Z', _) => {
+                if let Some(e) = self.queue.pop_front() {
+                    if e.clears {
+                        server.clear();
+                    }
+                }
+                true
+            }
+            (b'G', _) => {
+                self.copy_in_started();
+                true
+            }
+            (b'E', Ends::Ready) => {
+                self.copy_in = false;
+                true // a Query's error: its ReadyForQuery follows
+            }
+            (b'E', _) => {
+                self.copy_in = false;
+                // The failing message and everything up to the next Sync get no reply.
+                while let Some(e) = self.queue.front() {
+                    if e.ends == Ends::Ready {
+                        break;
+                    }
+                    let e = self.queue.pop_front().expect("front exists");
+                    if let Some(k) = e.parsed {
+                        server.remove(&k);
+                    }
+                }
+                true
+            }
+            (b'1' | b'2' | b'3', Ends::Tag(t)) if t == tag => {
+                let e = self.queue.pop_front().expect("front exists");
+                if let Some(k) = e.parsed {
+                    known.insert(k);
+                }
+                e.reply != Reply::Swallow
+            }
+            (b'T' | b'n', Ends::Describe) | (b'C' | b'I' | b's', Ends::Execute) => {
+                self.queue.pop_front();
+                true
+            }
+            (b'1' | b'2' | b'3', _) => {
+                tracing::warn!(tag = %(tag as char), queue = ?self.queue, "reply does not match the expected one");
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+/// What the caller does with the current client message after [`rewrite`].
+pub enum Step {
+    /// The message is not complete enough yet to decide.
+    NeedMore,
+    /// `consumed` bytes were taken from the input (and replaced in the output as needed);
+    /// the next `pass` bytes of the input go to the server unchanged.
+    Done { pass: usize },
+}
+
+fn put_message(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = 4 + parts.iter().map(|p| p.len()).sum::<usize>();
+    out.put_u8(tag);
+    out.put_i32(len as i32);
+    for p in parts {
+        out.put_slice(p);
+    }
+}
+
+fn malformed(what: &'static str) -> FrameError {
+    FrameError::Startup(what)
+}
+
+/// Makes sure the server holds `stmt`, injecting a Parse (and evicting the least recently
+/// used statement with a Close when the cache is full).
+fn ensure_prepared(
+    stmt: &Statement,
+    out: &mut BytesMut,
+    server: &mut ServerStatements,
+    replies: &mut Replies,
+) {
+    if server.has(&stmt.key) {
+        return;
+    }
+    evict_if_full(out, server, replies);
+    put_message(out, b'P', &[stmt.name.as_bytes(), b"\0", &stmt.body]);
+    server.insert(stmt.key);
+    replies.queue.push_back(Expect {
+        reply: Reply::Swallow,
+        ends: Ends::Tag(b'1'),
+        parsed: Some(stmt.key),
+        clears: false,
+    });
+}
+
+fn evict_if_full(out: &mut BytesMut, server: &mut ServerStatements, replies: &mut Replies) {
+    if server.len() < SERVER_CACHE_SIZE {
+        return;
+    }
+    if let Some(old) = server.oldest() {
+        server.remove(&old);
+        let hex: String = old.iter().map(|b| format!("{b:02x}")).collect();
+        put_message(out, b'C', &[b"S", format!("pr_{hex}").as_bytes(), b"\0"]);
+        replies.push(Reply::Swallow, Ends::Tag(b'3'));
+    }
+}
+
+/// Rewrites one client message (its header is `h`, at the start of `input`) for transaction
+/// mode, writing what the server must see to `out` and recording the replies to expect.
+pub fn rewrite(
+    h: Header,
+    input: &mut BytesMut,
+    out: &mut BytesMut,
+    stmts: &mut ClientStatements,
+    server: &mut ServerStatements,
+    replies: &mut Replies,
+) -> Result<Step, FrameError> {
+    match h.tag {
+        b'P' | b'B' | b'D' | b'C' | b'E' | b'S' | b'F' | b'Q' | b'c' | b'f' => {}
+        // Flush, CopyData: no reply of their own.
+        _ => return Ok(Step::Done { pass: h.wire_len }),
+    }
+    match h.tag {
+        b'P' | b'D' | b'C' if input.len() < h.wire_len => Ok(Step::NeedMore),
+        b'P' => {
+            let msg = input.split_to(h.wire_len).freeze();
+            let mut body = &msg[5..];
+            let name = take_cstr(&mut body).map_err(|_| malformed("bad Parse message"))?;
+            if name.is_empty() {
+                out.extend_from_slice(&msg);
+                replies.push(Reply::Forward, Ends::Tag(b'1'));
+                return Ok(Step::Done { pass: 0 });
+            }
+            let stmt = Arc::new(Statement::new(msg.slice_ref(body)));
+            stmts.by_name.insert(name.to_owned(), stmt.clone());
+            if server.has(&stmt.key) {
+                replies.push(Reply::Synthesize(b'1'), Ends::Tag(b'1'));
+            } else {
+                evict_if_full(out, server, replies);
+                put_message(out, b'P', &[stmt.name.as_bytes(), b"\0", &stmt.body]);
+                server.insert(stmt.key);
+                replies.queue.push_back(Expect {
+                    reply: Reply::Forward,
+                    ends: Ends::Tag(b'1'),
+                    parsed: Some(stmt.key),
+                    clears: false,
+                });
+            }
+            Ok(Step::Done { pass: 0 })
+        }
+        b'B' => {
+            // Only the portal and statement names are needed; parameters stream through.
+            let mut body = &input[5..];
+            let (Ok(_portal), Ok(stmt_name)) = (take_cstr(&mut body), take_cstr(&mut body)) else {
+                return if input.len() >= h.wire_len || input.len() > 5 + 2 * 64 + 1024 {
+                    Err(malformed("bad Bind message"))
+                } else {
+                    Ok(Step::NeedMore)
+                };
+            };
+            replies.push(Reply::Forward, Ends::Tag(b'2'));
+            let stmt = match stmts.by_name.get(stmt_name) {
+                Some(s) if !stmt_name.is_empty() => s.clone(),
+                // Unnamed or unknown: the server answers (an unknown name is its error).
+                _ => return Ok(Step::Done { pass: h.wire_len }),
+            };
+            let prefix_len = input.len() - body.len();
+            let portal_end = 5 + input[5..].iter().position(|&b| b == 0).expect("parsed") + 1;
+            // Inject the Parse before the Bind, which is then re-queued after it.
+            let bind = replies.queue.pop_back().expect("just pushed");
+            ensure_prepared(&stmt, out, server, replies);
+            replies.queue.push_back(bind);
+            let new_len = h.wire_len - 1 - (prefix_len - portal_end) + stmt.name.len() + 1;
+            out.put_u8(b'B');
+            out.put_i32(new_len as i32);
+            out.put_slice(&input[5..portal_end]);
+            out.put_slice(stmt.name.as_bytes());
+            out.put_u8(0);
+            input.advance(prefix_len);
+            Ok(Step::Done {
+                pass: h.wire_len - prefix_len,
+            })
+        }
+        b'D' | b'C' => {
+            let msg = input.split_to(h.wire_len).freeze();
+            let mut body = &msg[5..];
+            if body.is_empty() {
+                return Err(malformed("bad Describe/Close message"));
+            }
+            let kind = body.get_u8();
+            let name = take_cstr(&mut body).map_err(|_| malformed("bad Describe/Close message"))?;
+            let ends = if h.tag == b'D' {
+                Ends::Describe
+            } else {
+                Ends::Tag(b'3')
+            };
+            if kind != b'S' || name.is_empty() {
+                out.extend_from_slice(&msg);
+                replies.push(Reply::Forward, ends);
+                return Ok(Step::Done { pass: 0 });
+            }
+            if h.tag == b'C' {
+                // Server statements are shared; closing one is the client's business only.
+                stmts.by_name.remove(name);
+                replies.push(Reply::Synthesize(b'3'), ends);
+                return Ok(Step::Done { pass: 0 });
+            }
+            match stmts.by_name.get(name).cloned() {
+                Some(stmt) => {
+                    ensure_prepared(&stmt, out, server, replies);
+                    put_message(out, b'D', &[b"S", stmt.name.as_bytes(), b"\0"]);
+                }
+                None => out.extend_from_slice(&msg),
+            }
+            replies.push(Reply::Forward, ends);
+            Ok(Step::Done { pass: 0 })
+        }
+        b'E' => {
+            replies.push(Reply::Forward, Ends::Execute);
+            Ok(Step::Done { pass: h.wire_len })
+        }
+        b'S' | b'F' => {
+            if !(h.tag == b'S' && replies.copy_in) {
+                replies.push(Reply::Forward, Ends::Ready);
+            }
+            Ok(Step::Done { pass: h.wire_len })
+        }
+        b'c' | b'f' => {
+            replies.copy_end();
+            Ok(Step::Done { pass: h.wire_len })
+        }
+        b'Q' => {
+            let clears = input.len() >= h.wire_len && may_drop_statements(&input[5..h.wire_len]);
+            replies.queue.push_back(Expect {
+                reply: Reply::Forward,
+                ends: Ends::Ready,
+                parsed: None,
+                clears,
+            });
+            Ok(Step::Done { pass: h.wire_len })
+        }
+        _ => unreachable!("filtered above"),
+    }
+}
+
+/// Session mode: statements need no renaming, but the replies are tracked the same way, so
+/// the relay knows when the server is idle.
+pub fn track(h: Header, replies: &mut Replies) {
+    match h.tag {
+        b'P' => replies.push(Reply::Forward, Ends::Tag(b'1')),
+        b'B' => replies.push(Reply::Forward, Ends::Tag(b'2')),
+        b'C' => replies.push(Reply::Forward, Ends::Tag(b'3')),
+        b'D' => replies.push(Reply::Forward, Ends::Describe),
+        b'E' => replies.push(Reply::Forward, Ends::Execute),
+        b'S' if replies.copy_in => {}
+        b'S' | b'F' | b'Q' => replies.push(Reply::Forward, Ends::Ready),
+        b'c' | b'f' => replies.copy_end(),
+        _ => {}
+    }
+}
+
+/// DISCARD ALL / DEALLOCATE drop server statements behind the router's back.
+fn may_drop_statements(query: &[u8]) -> bool {
+    let q = String::from_utf8_lossy(query).to_ascii_lowercase();
+    q.contains("discard") || q.contains("deallocate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::framing::peek_header;
+
+    fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {
+        let mut b = BytesMut::new();
+        put_message(&mut b, tag, parts);
+        b
+    }
+
+    fn parse(name: &str, query: &str) -> BytesMut {
+        msg(b'P', &[name.as_bytes(), b"\0", query.as_bytes(), b"\0\0\0"])
+    }
+
+    fn bind(stmt: &str) -> BytesMut {
+        msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"])
+    }
+
+    impl Replies {
+        fn on_server_t(&mut self, tag: u8, sv: &mut ServerStatements) -> bool {
+            self.on_server(tag, sv, &KnownStatements::default())
+        }
+    }
+
+    #[test]
+    fn known_statements_are_answered_without_a_server() {
+        let known = KnownStatements::default();
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        run(&[parse("a", "select 1")], &mut st, &mut sv, &mut r);
+        assert!(r.on_server(b'1', &mut sv, &known));
+        // Another client prepares the same query and syncs: answered locally, in order.
+        let mut other = ClientStatements::default();
+        let mut input = BytesMut::new();
+        for m in [parse("x", "select 1"), msg(b'S', &[]), bind("x")] {
+            input.extend_from_slice(&m);
+        }
+        let mut to_client = BytesMut::new();
+        assert!(answer_without_server(&mut input, &mut other, &known, &mut to_client).unwrap());
+        assert_eq!(&to_client[..], b"1\0\0\0\x04Z\0\0\0\x05I");
+        assert_eq!(other.len(), 1);
+        assert_eq!(input[0], b'B', "the Bind needs a server and stays");
+        // An unknown statement is left for a server.
+        let mut input = parse("y", "select 2");
+        assert!(
+            !answer_without_server(&mut input, &mut other, &known, &mut BytesMut::new()).unwrap()
+        );
+        assert_eq!(input.len(), parse("y", "select 2").len());
+    }
+
+    /// Runs client messages through `rewrite`; returns the tags the server would see.
+    fn run(
+        client: &[BytesMut],
+        st: &mut ClientStatements,
+        sv: &mut ServerStatements,
+        r: &mut Replies,
+    ) -> (Vec<u8>, BytesMut) {
+        let mut out = BytesMut::new();
+        for m in client {
+            let mut input = m.clone();
+            let h = peek_header(&input).unwrap().unwrap();
+            match rewrite(h, &mut input, &mut out, st, sv, r).unwrap() {
+                Step::Done { pass } => out.extend_from_slice(&input.split_to(pass)),
+                Step::NeedMore => panic!("whole message given"),
+            }
+        }
+        let mut tags = Vec::new();
+        let mut b = out.clone();
+        while let Some(h) = peek_header(&b).unwrap() {
+            tags.push(h.tag);
+            b.advance(h.wire_len);
+        }
+        (tags, out)
+    }
+
+    #[test]
+    fn second_client_reuses_the_server_statement_and_gets_a_router_reply() {
+        let mut sv = ServerStatements::default();
+        let (mut a, mut b) = (ClientStatements::default(), ClientStatements::default());
+        let mut r = Replies::default();
+        let (tags, out) = run(
+            &[
+                parse("s1", "select 1"),
+                bind("s1"),
+                msg(b'E', &[b"\0\0\0\0\0"]),
+                msg(b'S', &[]),
+            ],
+            &mut a,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"PBES");
+        assert!(out.windows(3).any(|w| w == b"pr_"), "renamed on the server");
+        // The server answers 1 2 C Z: all forwarded, queue drained.
+        for t in *b"12CZ" {
+            assert!(r.on_server_t(t, &mut sv));
+        }
+        assert!(r.is_empty());
+        // Another client, same query under the same client name: nothing is re-parsed.
+        let (tags, _) = run(
+            &[parse("s1", "select 1"), bind("s1"), msg(b'S', &[])],
+            &mut b,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"BS", "Parse answered by the router");
+        let mut to_client = BytesMut::new();
+        r.pump(&mut to_client);
+        assert_eq!(
+            &to_client[..],
+            b"1\0\0\0\x04",
+            "ParseComplete synthesized in place"
+        );
+        for t in *b"2Z" {
+            assert!(r.on_server_t(t, &mut sv));
+        }
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn bind_on_a_new_server_injects_a_parse_and_drops_its_reply() {
+        let mut st = ClientStatements::default();
+        let mut first = ServerStatements::default();
+        let mut r = Replies::default();
+        run(&[parse("q", "select $1::int")], &mut st, &mut first, &mut r);
+        assert!(r.on_server_t(b'1', &mut first));
+        let mut second = ServerStatements::default();
+        let (tags, _) = run(&[bind("q"), msg(b'S', &[])], &mut st, &mut second, &mut r);
+        assert_eq!(tags, b"PBS");
+        assert!(
+            !r.on_server_t(b'1', &mut second),
+            "injected ParseComplete is dropped"
+        );
+        assert!(r.on_server_t(b'2', &mut second));
+        assert!(r.on_server_t(b'Z', &mut second));
+        assert!(r.is_empty());
+        assert_eq!(second.len(), 1);
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_and_forgets_failed_parses() {
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        let (tags, _) = run(
+            &[parse("bad", "select nope"), bind("bad"), msg(b'S', &[])],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"PBS");
+        assert!(r.on_server_t(b'E', &mut sv));
+        assert!(sv.is_empty(), "the failed Parse is not cached");
+        assert!(r.on_server_t(b'Z', &mut sv));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn close_is_answered_by_the_router_and_query_can_clear() {
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        run(&[parse("s", "select 2")], &mut st, &mut sv, &mut r);
+        r.on_server_t(b'1', &mut sv);
+        let (tags, _) = run(
+            &[msg(b'C', &[b"S", b"s\0"]), msg(b'S', &[])],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"S");
+        let mut to_client = BytesMut::new();
+        r.pump(&mut to_client);
+        assert_eq!(&to_client[..], b"3\0\0\0\x04");
+        r.on_server_t(b'Z', &mut sv);
+        assert!(st.is_empty());
+        assert_eq!(sv.len(), 1, "still on the server for other clients");
+        run(&[msg(b'Q', &[b"DISCARD ALL\0"])], &mut st, &mut sv, &mut r);
+        r.on_server_t(b'C', &mut sv);
+        r.on_server_t(b'Z', &mut sv);
+        assert!(sv.is_empty());
+    }
+
+    #[test]
+    fn syncs_sent_before_copy_data_get_no_reply() {
+        // tokio-postgres: Bind, Execute, Sync, then CopyData..., CopyDone, Sync.
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        run(
+            &[bind(""), msg(b'E', &[b"\0\0\0\0\0"]), msg(b'S', &[])],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        for t in *b"2G" {
+            r.on_server_t(t, &mut sv);
+        }
+        run(
+            &[
+                msg(b'd', &[b"x"]),
+                msg(b'c', &[]),
+                msg(b'S', &[]),
+                msg(b'C', &[b"S", b"s0\0"]),
+                msg(b'S', &[]),
+            ],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        let mut to_client = BytesMut::new();
+        for t in *b"CZ" {
+            assert!(r.on_server_t(t, &mut sv));
+        }
+        r.pump(&mut to_client);
+        assert_eq!(
+            &to_client[..],
+            b"3\0\0\0\x04",
+            "CloseComplete before the second ReadyForQuery"
+        );
+        assert!(r.on_server_t(b'Z', &mut sv));
+        assert!(r.is_empty());
+        // The same when the client ends the COPY before the server's CopyInResponse arrives.
+        let mut r = Replies::default();
+        run(
+            &[
+                msg(b'Q', &[b"copy t from stdin\0"]),
+                msg(b'd', &[b"x"]),
+                msg(b'c', &[]),
+            ],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        for t in *b"GCZ" {
+            r.on_server_t(t, &mut sv);
+        }
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn the_server_cache_is_bounded() {
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        for i in 0..SERVER_CACHE_SIZE + 3 {
+            run(
+                &[parse(&format!("s{i}"), &format!("select {i}"))],
+                &mut st,
+                &mut sv,
+                &mut r,
+            );
+        }
+        assert_eq!(sv.len(), SERVER_CACHE_SIZE);
+    }
+}
