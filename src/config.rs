@@ -115,6 +115,81 @@ impl Serialize for Dur {
     }
 }
 
+/// How far behind its primary a replica may be and still serve read-only sessions: a time
+/// (`"10s"`, `"500ms"`) or an amount of WAL (`"16MB"`, `"512kB"`, `"1GB"`, units of 1024 as
+/// in Postgres, or a plain integer of bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaLag {
+    Time(Duration),
+    Bytes(u64),
+}
+
+impl FromStr for ReplicaLag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let bad = || {
+            format!("{s:?} is not a replica lag: write a time like \"10s\" or an amount of WAL like \"16MB\"")
+        };
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let scale = match unit.trim() {
+            "ms" | "s" | "m" | "h" => return s.parse::<Dur>().map(|d| ReplicaLag::Time(d.0)),
+            "" | "B" => 1,
+            "kB" => 1 << 10,
+            "MB" => 1 << 20,
+            "GB" => 1 << 30,
+            "TB" => 1 << 40,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(scale).map(ReplicaLag::Bytes).ok_or_else(bad)
+    }
+}
+
+impl std::fmt::Display for ReplicaLag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            ReplicaLag::Time(d) => Dur(d).fmt(f),
+            ReplicaLag::Bytes(b) => {
+                let unit = [
+                    ("TB", 1u64 << 40),
+                    ("GB", 1 << 30),
+                    ("MB", 1 << 20),
+                    ("kB", 1 << 10),
+                ]
+                .into_iter()
+                .find(|(_, size)| b >= *size && b % size == 0);
+                match unit {
+                    Some((name, size)) => write!(f, "{}{name}", b / size),
+                    None => write!(f, "{b}B"),
+                }
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ReplicaLag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ReplicaLag::Bytes(b)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ReplicaLag {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -125,6 +200,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default, rename = "pod")]
     pub pods: Vec<PodConfig>,
+    /// TLS with clients and pods; none without a `[tls]` section. Restart-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +251,21 @@ pub struct PoolConfig {
     /// Query run on a session-mode server connection before another client gets it.
     #[serde(default = "defaults::reset_query")]
     pub reset_query: String,
+    /// Server connections to one pod, all tenants and roles together (keep it below the
+    /// pod's max_connections); a pod may override it with `max_connections`.
+    #[serde(default = "defaults::max_pod_connections")]
+    pub max_pod_connections: u32,
+    /// Client connections one tenant may hold (a noisy neighbour cannot take them all).
+    #[serde(default = "defaults::max_clients_per_tenant")]
+    pub max_clients_per_tenant: u32,
+    /// A server connection idle for longer than this is checked with a query before reuse.
+    #[serde(default = "defaults::server_check_after")]
+    pub server_check_after: Dur,
+    /// Sessions that ask for a replica (`-c podrouter.target=replica`) use one only while
+    /// its lag is within this bound (a time, `"10s"`, or WAL bytes, `"16MB"`); otherwise they
+    /// go to the primary.
+    #[serde(default = "defaults::max_replica_lag")]
+    pub max_replica_lag: ReplicaLag,
 }
 
 impl Default for PoolConfig {
@@ -185,7 +278,66 @@ impl Default for PoolConfig {
             server_idle_timeout: defaults::server_idle_timeout(),
             server_lifetime: defaults::server_lifetime(),
             reset_query: defaults::reset_query(),
+            max_pod_connections: defaults::max_pod_connections(),
+            max_clients_per_tenant: defaults::max_clients_per_tenant(),
+            server_check_after: defaults::server_check_after(),
+            max_replica_lag: defaults::max_replica_lag(),
         }
+    }
+}
+
+/// `[tls]`: certificates are read and checked at load, and only at start (every field is
+/// restart-only). See [`crate::proxy::tls`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first) shown to clients; with `key_file`, clients may
+    /// connect with TLS (SSLRequest is answered 'S'). Relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// `prefer`: clients choose; `require`: clients without TLS are refused.
+    #[serde(default)]
+    pub mode: ClientTlsMode,
+    /// TLS from the router to pods, with libpq's sslmode meanings.
+    #[serde(default)]
+    pub pod_tls: PodTlsMode,
+    /// PEM CA certificate(s) the pods' certificates must chain to (`verify-full` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    #[default]
+    Prefer,
+    Require,
+}
+
+/// Like libpq's sslmode: `disable` never encrypts; `prefer` encrypts when the pod accepts
+/// TLS; `require` always encrypts (without checking the certificate); `verify-full` also
+/// checks the certificate against `pod_ca_file` and the pod's host name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PodTlsMode {
+    #[default]
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+impl std::fmt::Display for PodTlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PodTlsMode::Disable => "disable",
+            PodTlsMode::Prefer => "prefer",
+            PodTlsMode::Require => "require",
+            PodTlsMode::VerifyFull => "verify-full",
+        })
     }
 }
 
@@ -221,11 +373,29 @@ pub struct PodConfig {
     /// Whether new tenants may be placed here.
     #[serde(default = "defaults::yes")]
     pub accepting: bool,
+    /// Pool mode of this pod's tenants (a tenant may override it); default `pool.mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_mode: Option<PoolMode>,
+    /// Server connections to this pod in all; default `pool.max_pod_connections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 mod defaults {
     use super::Dur;
     use std::time::Duration;
+    pub fn max_pod_connections() -> u32 {
+        90
+    }
+    pub fn max_clients_per_tenant() -> u32 {
+        5000
+    }
+    pub fn server_check_after() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn max_replica_lag() -> super::ReplicaLag {
+        super::ReplicaLag::Time(Duration::from_secs(10))
+    }
     pub fn pool_size() -> u32 {
         20
     }
@@ -379,6 +549,31 @@ impl Config {
                 "set it to e.g. 20000",
             ));
         }
+        if p.max_pod_connections == 0 {
+            return Err(invalid(
+                "pool.max_pod_connections",
+                "0 would refuse every server connection".into(),
+                "set it below the pods' max_connections, e.g. 90 for max_connections = 100",
+            ));
+        }
+        if p.max_clients_per_tenant == 0 {
+            return Err(invalid(
+                "pool.max_clients_per_tenant",
+                "0 would refuse every client".into(),
+                "set it to e.g. 5000",
+            ));
+        }
+        let lag_in_range = match p.max_replica_lag {
+            ReplicaLag::Time(d) => d <= Duration::from_secs(24 * 3600),
+            ReplicaLag::Bytes(b) => b <= 1 << 40,
+        };
+        if !lag_in_range {
+            return Err(invalid(
+                "pool.max_replica_lag",
+                format!("{} is out of range", p.max_replica_lag),
+                "use at most \"24h\" or \"1TB\", e.g. \"10s\" or \"16MB\"",
+            ));
+        }
         if p.reset_query.trim().is_empty() {
             return Err(invalid(
                 "pool.reset_query",
@@ -435,8 +630,27 @@ impl Config {
                     "use a positive number up to 1000, e.g. 1.0",
                 ));
             }
+            if pod.max_connections == Some(0) {
+                return Err(invalid(
+                    &at("max_connections"),
+                    "0 would refuse every server connection".into(),
+                    "set it below the pod's own max_connections, or remove it to use pool.max_pod_connections",
+                ));
+            }
+        }
+        if let Err(e) = crate::proxy::tls::TlsSetup::load(self.tls.as_ref(), base) {
+            return Err(invalid(e.field, e.problem, &e.fix));
         }
         Ok(())
+    }
+
+    /// The cap on server connections to a pod.
+    pub fn pod_connection_limit(&self, pod: &str) -> usize {
+        self.pods
+            .iter()
+            .find(|p| p.name == pod)
+            .and_then(|p| p.max_connections)
+            .unwrap_or(self.pool.max_pod_connections) as usize
     }
 
     fn resolve(&self, path: &Path, base: Option<&Path>) -> PathBuf {
@@ -467,14 +681,15 @@ impl Config {
         self.router.catalog_url = running.router.catalog_url.clone();
         self.router.admin_token_file = running.router.admin_token_file.clone();
         self.pool.max_clients = running.pool.max_clients;
+        self.tls = running.tls.clone();
     }
 }
 
 // === impl ConfigSource ===
 
 /// Fields a running router cannot change: its listeners are bound, its catalog connected, its
-/// admin token read and its client limit sized at start. Keep in step with
-/// [`Config::keep_restart_only`].
+/// admin token read, its client limit sized and its TLS certificates loaded at start. Keep
+/// in step with [`Config::keep_restart_only`].
 pub const RESTART_ONLY: &[&str] = &[
     "router.listen",
     "router.admin_listen",
@@ -482,6 +697,11 @@ pub const RESTART_ONLY: &[&str] = &[
     "router.catalog_url",
     "router.admin_token_file",
     "pool.max_clients",
+    "tls.cert_file",
+    "tls.key_file",
+    "tls.mode",
+    "tls.pod_tls",
+    "tls.pod_ca_file",
 ];
 
 /// A config file as read: the text (kept verbatim and stored in the catalog), its SHA-256,
@@ -933,6 +1153,35 @@ primary = "postgres://postgres@127.0.0.1:5433"
         assert_eq!(Dur(Duration::from_millis(1500)).to_string(), "1500ms");
     }
 
+    #[test]
+    fn replica_lag_is_a_time_or_an_amount_of_wal() {
+        let lag = |text: &str, want: ReplicaLag, shown: &str| {
+            let got: ReplicaLag = text.parse().unwrap();
+            assert_eq!((got, got.to_string().as_str()), (want, shown), "{text}");
+        };
+        lag("10s", ReplicaLag::Time(Duration::from_secs(10)), "10s");
+        lag(
+            "500ms",
+            ReplicaLag::Time(Duration::from_millis(500)),
+            "500ms",
+        );
+        lag("16MB", ReplicaLag::Bytes(16 << 20), "16MB");
+        lag("512kB", ReplicaLag::Bytes(512 << 10), "512kB");
+        lag("1000", ReplicaLag::Bytes(1000), "1000B");
+        for bad in ["10 parsecs", "MB", "-1s", "99999999999999999999TB"] {
+            assert!(bad.parse::<ReplicaLag>().is_err(), "{bad}");
+        }
+        let c = file("[pool]\nmax_replica_lag = 65536\n").config;
+        assert_eq!(c.pool.max_replica_lag, ReplicaLag::Bytes(65536));
+        assert_eq!(PoolConfig::default().max_replica_lag.to_string(), "10s");
+        check("[pool]\nmax_replica_lag = \"2d\"\n", "is not a replica lag");
+        check(
+            "[pool]\nmax_replica_lag = \"25h\"\n",
+            "pool.max_replica_lag",
+        );
+        check("[pool]\nmax_replica_lag = \"24h\"\n", "");
+    }
+
     const POD_A: &str =
         "[[pod]]\nname = \"pod-a\"\nprimary = \"postgres://postgres@127.0.0.1:5433\"\n";
     const POD_B: &str = "[[pod]]\nname = \"pod-b\"\nprimary = \"postgres://u:pw@127.0.0.1:5434\"\n";
@@ -1055,6 +1304,106 @@ primary = "postgres://postgres@127.0.0.1:5433"
         assert_eq!(new.router.listen, running.config.router.listen);
         let changes = diff(&running.config, &file("[pool]\nmax_clients = 10\n").config);
         assert!(changes[0].after_restart, "{changes:?}");
+    }
+
+    #[test]
+    fn tls_section_is_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("server.crt", &made.cert.pem());
+        write("server.key", &made.signing_key.serialize_pem());
+        write("other.key", &other.signing_key.serialize_pem());
+        write("garbage.pem", "not a certificate\n");
+        // One line per case: the [tls] section (paths relative to the config's directory)
+        // and the words the error must contain ("" = valid).
+        let check = |tls: &str, expect: &str| {
+            let text = format!("{BASE}\n[tls]\n{tls}");
+            let result = Config::parse("pods.toml", &text)
+                .and_then(|c| c.validate("pods.toml", Some(dir.path())));
+            match (result, expect) {
+                (Ok(()), "") => {}
+                (Ok(()), want) => panic!("{tls:?} accepted, expected {want:?}"),
+                (Err(e), want) => {
+                    let msg = e.to_string();
+                    assert!(!want.is_empty(), "{tls:?} rejected: {msg}");
+                    assert!(msg.starts_with("pods.toml: "), "{msg}");
+                    assert!(msg.contains(want), "{msg:?} should mention {want:?}");
+                }
+            }
+        };
+        check(
+            "cert_file = \"server.crt\"\nkey_file = \"server.key\"\n",
+            "",
+        );
+        check(
+            "cert_file = \"server.crt\"\nkey_file = \"server.key\"\nmode = \"require\"\n",
+            "",
+        );
+        check("pod_tls = \"require\"\n", "");
+        check("", "");
+        check(
+            "mode = \"require\"\n",
+            "tls.mode: \"require\" needs a certificate, but cert_file and key_file are not set; set cert_file and key_file",
+        );
+        check(
+            "cert_file = \"missing.crt\"\nkey_file = \"server.key\"\n",
+            "tls.cert_file: cannot read",
+        );
+        check(
+            "cert_file = \"missing.crt\"\nkey_file = \"server.key\"\n",
+            "missing.crt",
+        );
+        check(
+            "cert_file = \"garbage.pem\"\nkey_file = \"server.key\"\n",
+            "tls.cert_file: ",
+        );
+        check(
+            "cert_file = \"server.crt\"\nkey_file = \"server.crt\"\n",
+            "tls.key_file: ",
+        );
+        check(
+            "cert_file = \"server.crt\"\nkey_file = \"other.key\"\n",
+            "tls.key_file: does not fit cert_file",
+        );
+        check(
+            "cert_file = \"server.crt\"\n",
+            "tls.key_file: missing while cert_file is set",
+        );
+        check(
+            "key_file = \"server.key\"\n",
+            "tls.cert_file: missing while key_file is set",
+        );
+        check(
+            "pod_tls = \"verify-full\"\n",
+            "tls.pod_ca_file: missing while pod_tls = \"verify-full\"",
+        );
+        check(
+            "pod_tls = \"verify-full\"\npod_ca_file = \"server.crt\"\n",
+            "",
+        );
+        check(
+            "pod_tls = \"require\"\npod_ca_file = \"server.crt\"\n",
+            "tls.pod_ca_file: is only used with pod_tls = \"verify-full\"",
+        );
+        check(
+            "pod_tls = \"verify-full\"\npod_ca_file = \"garbage.pem\"\n",
+            "tls.pod_ca_file: ",
+        );
+        check("pod_tls = \"verify\"\n", "unknown variant `verify`");
+        check("mode = \"disable\"\n", "unknown variant `disable`");
+        check("certfile = \"x\"\n", "unknown field `certfile`");
+        // Every [tls] field is restart-only.
+        check_reload(
+            "",
+            "[tls]\npod_tls = \"prefer\"\n",
+            &["tls.mode: changes from null to \"prefer\", which only takes effect when podrouter restarts", "tls.pod_tls: changes from null to \"prefer\""],
+        );
+        let running = file("[tls]\npod_tls = \"prefer\"\n");
+        let mut new = file("").config;
+        new.keep_restart_only(&running.config);
+        assert_eq!(new.tls, running.config.tls);
     }
 
     #[test]

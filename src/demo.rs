@@ -1,6 +1,8 @@
 //! `podrouter demo`: the embedded default. Creates (or reuses) local Postgres clusters — a
-//! catalog and N pods — under one directory, writes the config it runs with, starts the
-//! router in this process, creates the `demo` role and sample tenants, and writes
+//! catalog and N pods, each with K streaming replicas (`--replicas K`, cloned with
+//! `pg_basebackup -R`, the first synchronous) — under one directory, writes the config it
+//! runs with, starts the router in this process, creates the `demo` role and sample tenants,
+//! and writes
 //! `DIR/ready.json` once clients can connect. SIGINT/SIGTERM stop everything it started;
 //! SIGHUP re-reads `DIR/pods.toml` like `podrouter serve` does.
 
@@ -48,6 +50,8 @@ pub enum DemoError {
     Fleet(#[from] crate::fleet::FleetError),
     #[error("loading sample data: {0}")]
     Sample(#[from] sqlx::Error),
+    #[error("configuring synchronous replication on the pods: {0}")]
+    Replication(sqlx::Error),
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(std::io::Error),
 }
@@ -76,10 +80,8 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     if opts.tenants > 1000 {
         return Err(DemoError::Usage("--tenants must be at most 1000".into()));
     }
-    if opts.replicas > 0 {
-        return Err(DemoError::Usage(
-            "--replicas is not available in this build yet (replica routing and failover are planned); run without it".into(),
-        ));
+    if opts.replicas > 4 {
+        return Err(DemoError::Usage("--replicas must be at most 4".into()));
     }
     let dir = std::path::absolute(&opts.dir).map_err(io(&opts.dir))?;
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
@@ -94,7 +96,10 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
         .unwrap_or_default();
     let mut names = vec!["catalog".to_owned()];
     names.extend((1..=opts.pods).map(|i| format!("pod{i}")));
-    for name in &names {
+    let replicas: Vec<(String, String)> = (1..=opts.pods)
+        .flat_map(|i| (1..=opts.replicas).map(move |j| (format!("pod{i}"), replica_name(i, j))))
+        .collect();
+    for name in names.iter().chain(replicas.iter().map(|(_, r)| r)) {
         let reuse = state.ports.get(name).copied().filter(|p| port_is_free(*p));
         let port = reuse.unwrap_or_else(localpg::free_port);
         state.ports.insert(name.clone(), port);
@@ -106,21 +111,82 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     .map_err(io(&state_path))?;
 
     eprintln!(
-        "podrouter demo: starting {} pods and a catalog under {}",
+        "podrouter demo: starting {} pods ({} replicas each) and a catalog under {}",
         opts.pods,
+        opts.replicas,
         dir.display()
     );
+    // With replicas, commits wait for the synchronous one (localpg's default is off).
+    let settings = if opts.replicas > 0 {
+        vec![("synchronous_commit", "on".to_owned())]
+    } else {
+        Vec::new()
+    };
+    for name in &names {
+        LocalCluster::create(&bins, &template, &dir.join(name))?;
+    }
+    let mut clusters = start_clusters(&bins, &dir, &state, &names, &settings).await?;
+    if !replicas.is_empty() {
+        let standbys = async {
+            for (pod, replica) in &replicas {
+                let (bins, datadir) = (bins.clone(), dir.join(replica));
+                let (port, app) = (state.ports[pod], replica.replace('-', "_"));
+                tokio::task::spawn_blocking(move || {
+                    localpg::clone_standby(&bins, port, &datadir, &app)
+                })
+                .await
+                .expect("pg_basebackup task")?;
+            }
+            let names: Vec<String> = replicas.iter().map(|(_, r)| r.clone()).collect();
+            start_clusters(&bins, &dir, &state, &names, &settings).await
+        };
+        match standbys.await {
+            Ok(started) => clusters.extend(started),
+            Err(e) => {
+                stop_all(&mut clusters).await;
+                return Err(e.into());
+            }
+        }
+        clusters.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Err(e) = make_first_replicas_synchronous(&clusters).await {
+            stop_all(&mut clusters).await;
+            return Err(DemoError::Replication(e));
+        }
+    }
+    clusters.sort_by(|a, b| a.0.cmp(&b.0));
+    let result = serve_demo(&opts, &dir, &clusters).await;
+    stop_all(&mut clusters).await;
+    result
+}
+
+/// `pod1-replica2`: the data directory (and port) name of a pod's replica; its
+/// `application_name` is the same with `_` (a plain identifier in synchronous_standby_names).
+fn replica_name(pod: usize, replica: usize) -> String {
+    format!("pod{pod}-replica{replica}")
+}
+
+fn is_replica(name: &str) -> bool {
+    name.contains("-replica")
+}
+
+/// Starts the clusters `names` (data directories under `dir`, ports from `state`) at once;
+/// if one fails, stops the others and returns its error.
+async fn start_clusters(
+    bins: &PgBinaries,
+    dir: &Path,
+    state: &DemoState,
+    names: &[String],
+    settings: &[(&'static str, String)],
+) -> Result<Vec<(String, LocalCluster)>, localpg::LocalPgError> {
     let mut clusters: Vec<(String, LocalCluster)> = Vec::new();
     let mut starts = tokio::task::JoinSet::new();
-    for name in &names {
-        let datadir = dir.join(name);
-        LocalCluster::create(&bins, &template, &datadir)?;
-        let bins = PgBinaries {
-            bindir: bins.bindir.clone(),
-        };
-        let port = state.ports[name];
-        let name = name.clone();
-        starts.spawn(async move { (name, LocalCluster::start(&bins, &datadir, port, &[]).await) });
+    for name in names {
+        let (bins, datadir, port) = (bins.clone(), dir.join(name), state.ports[name]);
+        let (name, settings) = (name.clone(), settings.to_vec());
+        starts.spawn(async move {
+            let started = LocalCluster::start(&bins, &datadir, port, &settings).await;
+            (name, started)
+        });
     }
     let mut failure = None;
     while let Some(joined) = starts.join_next().await {
@@ -132,12 +198,52 @@ pub async fn run(opts: DemoOptions) -> Result<(), DemoError> {
     }
     if let Some(e) = failure {
         stop_all(&mut clusters).await;
-        return Err(e.into());
+        return Err(e);
     }
     clusters.sort_by(|a, b| a.0.cmp(&b.0));
-    let result = serve_demo(&opts, &dir, &clusters).await;
-    stop_all(&mut clusters).await;
-    result
+    Ok(clusters)
+}
+
+/// `synchronous_standby_names = 'FIRST 1 (podN_replica1)'` on each pod's primary, reloaded.
+/// Skipped (with a note) where the first replica is not that primary's standby any more,
+/// e.g. after a failover on an earlier run: naming it would make every commit wait forever.
+async fn make_first_replicas_synchronous(
+    clusters: &[(String, LocalCluster)],
+) -> Result<(), sqlx::Error> {
+    for (name, primary) in clusters
+        .iter()
+        .filter(|(n, _)| n.starts_with("pod") && !is_replica(n))
+    {
+        let first = format!("{name}-replica1");
+        let Some((_, replica)) = clusters.iter().find(|(n, _)| *n == first) else {
+            continue;
+        };
+        let mut p = sqlx::PgConnection::connect(&primary.url_db("postgres")).await?;
+        let mut r = sqlx::PgConnection::connect(&replica.url_db("postgres")).await?;
+        let recovery = "SELECT pg_is_in_recovery()";
+        let primary_in_recovery: bool = sqlx::query_scalar(recovery).fetch_one(&mut p).await?;
+        let replica_in_recovery: bool = sqlx::query_scalar(recovery).fetch_one(&mut r).await?;
+        if primary_in_recovery || !replica_in_recovery {
+            eprintln!(
+                "podrouter demo: {first} is not a standby of {name} (failed over on an earlier run?); \
+                 synchronous replication is left as it is: see \"Failover and failback\" in the README"
+            );
+        } else {
+            let app = first.replace('-', "_");
+            // Two queries: ALTER SYSTEM cannot run in a multi-statement query's transaction.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 ({app})'"
+            )))
+            .execute(&mut p)
+            .await?;
+            sqlx::query("SELECT pg_reload_conf()")
+                .execute(&mut p)
+                .await?;
+        }
+        p.close().await?;
+        r.close().await?;
+    }
+    Ok(())
 }
 
 async fn stop_all(clusters: &mut [(String, LocalCluster)]) {
@@ -156,8 +262,18 @@ async fn serve_demo(
         .find(|(n, _)| n == "catalog")
         .expect("catalog cluster")
         .1;
-    let pods: Vec<&(String, LocalCluster)> =
-        clusters.iter().filter(|(n, _)| n != "catalog").collect();
+    let pods: Vec<&(String, LocalCluster)> = clusters
+        .iter()
+        .filter(|(n, _)| n != "catalog" && !is_replica(n))
+        .collect();
+    let replicas_of = |pod: &str| -> Vec<String> {
+        let prefix = format!("{pod}-replica");
+        clusters
+            .iter()
+            .filter(|(n, _)| n.starts_with(&prefix))
+            .map(|(_, c)| c.url())
+            .collect()
+    };
 
     // The catalog database.
     let mut c = sqlx::PgConnection::connect(&catalog.url_db("postgres")).await?;
@@ -197,6 +313,10 @@ async fn serve_demo(
             "\n[[pod]]\nname = \"{name}\"\nprimary = \"{}\"\nweight = 1.0\n",
             c.url()
         ));
+        let replicas = replicas_of(name);
+        if !replicas.is_empty() {
+            toml.push_str(&format!("replicas = {replicas:?}\n"));
+        }
     }
     let config_path = dir.join("pods.toml");
     std::fs::write(&config_path, &toml).map_err(io(&config_path))?;
@@ -234,21 +354,24 @@ async fn serve_demo(
                     "demo",
                 )
                 .await?;
-            let pod = pods
-                .iter()
-                .find(|(n, _)| *n == t.pod)
-                .expect("placed on a demo pod");
-            load_sample_data(&pod.1.url_db(&name)).await?;
+            // The pod's primary as the catalog knows it (a failover may have changed it).
+            let primary = fleet.table.load().pods[&t.pod].admin_url.clone();
+            load_sample_data(&format!("{primary}/{name}")).await?;
         }
         tenants.push(name);
     }
 
+    // Pod URLs as the catalog has them: after a failover the primary is a former replica.
+    let table = fleet.table.load_full();
     let ready = serde_json::json!({
         "router_url": format!("postgres://{DEMO_ROLE}:{DEMO_PASSWORD}@{}", running.pg_addr),
         "admin_url": format!("http://{}", running.admin_addr),
         "http_url": running.http_addr.map(|a| format!("http://{a}")),
         "admin_token": fleet.admin_token.clone().unwrap_or_default(),
-        "pods": pods.iter().map(|(n, c)| serde_json::json!({"name": n, "url": c.url(), "replicas": []})).collect::<Vec<_>>(),
+        "pods": pods.iter().map(|(n, _)| {
+            let route = &table.pods[n];
+            serde_json::json!({"name": n, "url": route.admin_url, "replicas": route.replicas})
+        }).collect::<Vec<_>>(),
         "tenants": tenants,
         "config": config_path,
     });

@@ -6,6 +6,7 @@
 
 use crate::catalog::{Catalog, CatalogError, NewConfigVersion, PodRow, TenantRow};
 use crate::config::{self, Config, ConfigError, ConfigSource, FieldChange, Refusal};
+use crate::health::{self, PodServers};
 use crate::podadmin;
 use crate::protocol::scram::Verifier;
 use crate::proxy::{Proxy, ProxySettings};
@@ -16,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// What kind of failure, which decides the HTTP status in one place (admin::AppError).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,11 +73,12 @@ pub struct PodView {
     pub name: String,
     /// The primary's URL with any password redacted.
     pub primary: String,
-    pub replicas: Vec<String>,
+    pub replicas: Vec<crate::health::ReplicaView>,
     pub http: Vec<String>,
     pub weight: f64,
     pub accepting: bool,
     pub tenants: usize,
+    /// The primary's: "up", "up (in recovery)" or "down: why".
     pub health: String,
 }
 
@@ -88,6 +89,8 @@ pub struct TenantView {
     pub route_version: i64,
     pub state: String,
     pub roles: Vec<String>,
+    /// The tenant's own pool mode; `null` when it follows its pod and the config.
+    pub pool_mode: Option<String>,
 }
 
 impl From<TenantRow> for TenantView {
@@ -98,6 +101,7 @@ impl From<TenantRow> for TenantView {
             route_version: t.route_version,
             state: t.state,
             roles: t.roles,
+            pool_mode: t.pool_mode,
         }
     }
 }
@@ -180,7 +184,8 @@ impl Fleet {
         let config = source.config.clone();
         let admin_token = config.admin_token(config_path.as_deref().and_then(|p| p.parent()));
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
-        let proxy = Arc::new(Proxy::new(table.clone(), &config));
+        let base = config_path.as_deref().and_then(|p| p.parent());
+        let proxy = Arc::new(Proxy::new(table.clone(), &config, base));
         Fleet {
             catalog,
             table,
@@ -378,24 +383,42 @@ impl Fleet {
 
     pub async fn pods(&self) -> Result<Vec<PodView>, FleetError> {
         let snap = self.catalog.snapshot().await?;
-        let checks = snap.pods.iter().map(|p| {
-            let url = p.primary_url.clone();
-            async move { podadmin::health(&url, Duration::from_secs(2)).await }
-        });
-        let health = futures_join_all(checks).await;
+        // Health as the monitor last saw it; pods it has not probed as the catalog now lists
+        // them (just added or failed over, or the monitor is stuck) are probed here.
+        let board = self.proxy.health.load();
+        let servers: Vec<PodServers> = snap
+            .pods
+            .iter()
+            .map(|p| PodServers {
+                name: p.name.clone(),
+                primary: p.primary_url.clone(),
+                replicas: p.replicas.clone(),
+            })
+            .collect();
+        let unprobed: Vec<PodServers> = servers
+            .iter()
+            .filter(|s| !board.fresh() || !board.pods.get(&s.name).is_some_and(|h| h.describes(s)))
+            .cloned()
+            .collect();
+        let probed_now = health::probe_pods_now(&unprobed).await;
         Ok(snap
             .pods
             .iter()
-            .zip(health)
-            .map(|(p, health)| PodView {
-                name: p.name.clone(),
-                primary: config::redact(&p.primary_url),
-                replicas: p.replicas.iter().map(|r| config::redact(r)).collect(),
-                http: p.http.clone(),
-                weight: p.weight,
-                accepting: p.accepting,
-                tenants: snap.tenants.iter().filter(|t| t.pod == p.name).count(),
-                health,
+            .map(|p| {
+                let h = probed_now
+                    .get(&p.name)
+                    .or_else(|| board.pods.get(&p.name))
+                    .expect("every pod is probed");
+                PodView {
+                    name: p.name.clone(),
+                    primary: config::redact(&p.primary_url),
+                    replicas: h.replicas.iter().map(Into::into).collect(),
+                    http: p.http.clone(),
+                    weight: p.weight,
+                    accepting: p.accepting,
+                    tenants: snap.tenants.iter().filter(|t| t.pod == p.name).count(),
+                    health: h.primary.primary_status(),
+                }
             })
             .collect())
     }
@@ -588,6 +611,26 @@ impl Fleet {
         self.tenant(name).await
     }
 
+    /// Sets (or with `None` clears) a tenant's pool mode. New sessions use it; sessions that
+    /// are open keep the mode they started with.
+    pub async fn set_tenant_pool_mode(
+        &self,
+        name: &str,
+        mode: Option<crate::config::PoolMode>,
+        actor: &str,
+    ) -> Result<TenantView, FleetError> {
+        let mode = mode.map(|m| m.to_string());
+        if !self
+            .catalog
+            .set_tenant_pool_mode(name, mode.as_deref(), actor)
+            .await?
+        {
+            return Err(unknown_tenant(name));
+        }
+        self.reload_routes().await?;
+        self.tenant(name).await
+    }
+
     /// Deletes a tenant from the catalog. Its database stays on the pod unless
     /// `drop_database` is set.
     pub async fn delete_tenant(
@@ -651,17 +694,6 @@ impl Fleet {
     }
 }
 
-async fn futures_join_all<F: std::future::Future<Output = String> + Send + 'static>(
-    futs: impl Iterator<Item = F>,
-) -> Vec<String> {
-    let handles: Vec<_> = futs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.unwrap_or_else(|e| format!("down: {e}")));
-    }
-    out
-}
-
 fn pod_rows(config: &Config) -> Vec<PodRow> {
     config
         .pods
@@ -673,6 +705,7 @@ fn pod_rows(config: &Config) -> Vec<PodRow> {
             http: p.http.clone(),
             weight: p.weight,
             accepting: p.accepting,
+            pool_mode: p.pool_mode.map(|m| m.to_string()),
         })
         .collect()
 }
@@ -685,7 +718,7 @@ fn unknown_tenant(name: &str) -> FleetError {
     )
 }
 
-fn unknown_pod(name: &str) -> FleetError {
+pub(crate) fn unknown_pod(name: &str) -> FleetError {
     FleetError::new(
         ErrorKind::NotFound,
         "unknown_pod",

@@ -583,6 +583,77 @@ fn install_template(scratch: &Path, target: &Path) -> Result<(), LocalPgError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Standbys
+// ---------------------------------------------------------------------------------------------
+
+/// Makes `datadir` a streaming standby of the cluster on 127.0.0.1:`primary_port`, cloned
+/// with `pg_basebackup -R` (WAL streamed during the copy; `standby.signal` and a
+/// `primary_conninfo` carrying `application_name=<application_name>`, the name a primary's
+/// `synchronous_standby_names` uses) into a scratch directory renamed into place. The clone
+/// does not keep the primary's `synchronous_standby_names`: promoted, it would wait for
+/// standbys that follow someone else, or for itself. A `datadir` that already holds a data
+/// directory is left as it is, to be reused. Start it with [`LocalCluster::start`].
+pub fn clone_standby(
+    bins: &PgBinaries,
+    primary_port: u16,
+    datadir: &Path,
+    application_name: &str,
+) -> Result<(), LocalPgError> {
+    assert!(
+        !application_name.is_empty()
+            && application_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+        "a standby's application_name is a plain word: {application_name:?}"
+    );
+    let datadir = absolute(datadir)?;
+    if is_data_dir(&datadir) {
+        return Ok(());
+    }
+    if datadir.exists() {
+        fs::remove_dir(&datadir).map_err(|_| LocalPgError::NotADataDir {
+            path: datadir.clone(),
+        })?;
+    }
+    let parent = datadir.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+    check_reachable(parent)?;
+    let scratch = scratch_sibling(&datadir);
+    let made = (|| {
+        fs::create_dir(&scratch).map_err(io_err("create", &scratch))?;
+        fs::set_permissions(&scratch, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("change the permissions of", &scratch))?;
+        chown_for_server(&scratch)?;
+        let mut cmd = bins.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&scratch)
+            .arg("-d")
+            .arg(format!(
+                "host=127.0.0.1 port={primary_port} user={SUPERUSER} application_name={application_name}"
+            ))
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .current_dir(parent);
+        if running_as_root() {
+            cmd.env("HOME", parent);
+        }
+        run_tool(cmd)?;
+        let auto = scratch.join("postgresql.auto.conf");
+        let text = fs::read_to_string(&auto).map_err(io_err("read", &auto))?;
+        let kept: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("synchronous_standby_names"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(&auto, kept).map_err(io_err("write", &auto))?;
+        fs::rename(&scratch, &datadir).map_err(io_err("rename into place", &datadir))
+    })();
+    if made.is_err() {
+        let _ = fs::remove_dir_all(&scratch);
+    }
+    made
+}
+
+// ---------------------------------------------------------------------------------------------
 // Clusters
 // ---------------------------------------------------------------------------------------------
 

@@ -63,8 +63,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<TenantsCommand>,
     },
-    /// List pods with their health and tenant counts.
-    Pods,
+    /// List pods with their health, replicas and tenant counts; fail a pod over.
+    Pods {
+        #[command(subcommand)]
+        command: Option<PodsCommand>,
+    },
     /// Create or update client roles (only a SCRAM verifier is stored).
     Roles {
         #[command(subcommand)]
@@ -136,6 +139,24 @@ enum TenantsCommand {
         tenant: String,
         #[arg(long)]
         drop_database: bool,
+    },
+    /// Set a tenant's pool mode: session, transaction, or default (follow its pod/config).
+    SetMode {
+        tenant: String,
+        mode: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodsCommand {
+    List,
+    /// Promote a replica of POD (the least lagging one unless --to) and route writes to it.
+    /// A primary that still answers is fenced (made read-only) first.
+    Failover {
+        pod: String,
+        /// The replica to promote: its URL as `podrouter pods` lists it, or HOST:PORT.
+        #[arg(long)]
+        to: Option<String>,
     },
 }
 
@@ -326,6 +347,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .await?,
                     None,
                 ),
+                TenantsCommand::SetMode { tenant, mode } => {
+                    let mode = match mode.as_str() {
+                        "default" => serde_json::Value::Null,
+                        m => json!(m.parse::<PoolMode>().map_err(anyhow::Error::msg)?),
+                    };
+                    (
+                        client
+                            .call(
+                                Method::PATCH,
+                                &format!("/v1/tenants/{tenant}"),
+                                Some(json!({ "pool_mode": mode })),
+                            )
+                            .await?,
+                        None,
+                    )
+                }
                 TenantsCommand::Delete {
                     tenant,
                     drop_database,
@@ -344,11 +381,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &admin,
                 &v,
                 list,
-                &["name", "pod", "route_version", "state", "roles"],
+                &[
+                    "name",
+                    "pod",
+                    "route_version",
+                    "state",
+                    "roles",
+                    "pool_mode",
+                ],
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pods => {
+        Command::Pods {
+            command: None | Some(PodsCommand::List),
+        } => {
             let v = client(&admin)?.call(Method::GET, "/v1/pods", None).await?;
             output(
                 &admin,
@@ -363,6 +409,62 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "health",
                 ],
             );
+            let replicas: Vec<Value> = v["pods"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .flat_map(|p| {
+                    let pod = p["name"].clone();
+                    p["replicas"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(move |mut r| {
+                            r["pod"] = pod.clone();
+                            r
+                        })
+                })
+                .collect();
+            if !admin.json && !replicas.is_empty() {
+                println!();
+                print_table(
+                    &replicas,
+                    &["pod", "url", "health", "lag_bytes", "lag_seconds"],
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pods {
+            command: Some(PodsCommand::Failover { pod, to }),
+        } => {
+            let v = client(&admin)?
+                .call(
+                    Method::POST,
+                    &format!("/v1/pods/{pod}/failover"),
+                    Some(json!({ "to": to })),
+                )
+                .await?;
+            if admin.json {
+                output(&admin, &v, None, &[]);
+            } else if v["state"] == "succeeded" {
+                println!(
+                    "pod {pod} failed over from {} to {} in {} ms (promoted: {}, old primary fenced: {})",
+                    v["result"]["from"].as_str().unwrap_or("?"),
+                    v["result"]["to"].as_str().unwrap_or("?"),
+                    v["result"]["took_ms"],
+                    v["result"]["promoted"],
+                    v["result"]["fenced_old_primary"],
+                );
+            }
+            if v["state"] != "succeeded" {
+                eprintln!(
+                    "podrouter: failover of pod {pod} failed: {}",
+                    v["error"].as_str().unwrap_or("unknown error")
+                );
+                return Ok(ExitCode::from(1));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Roles {

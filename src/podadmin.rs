@@ -1,8 +1,9 @@
-//! Administrative work on a pod's primary, over its admin URL: roles with the catalog's
-//! SCRAM verifiers, tenant databases, health. Identifiers and literals are quoted here, once.
+//! Administrative work on a pod's servers, over their admin URLs: roles with the catalog's
+//! SCRAM verifiers, tenant databases, and the steps of a failover (fence, promote, WAL
+//! positions). Identifiers and literals are quoted here, once.
 
 use crate::proxy::server::{quote_ident, quote_literal};
-use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+use sqlx::{ConnectOptions, PgConnection};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -89,29 +90,96 @@ async fn exec(conn: &mut PgConnection, sql: String) -> Result<()> {
     Ok(())
 }
 
-/// "up" when the primary answers a query within the timeout, else "down: reason".
-pub async fn health(admin_url: &str, timeout: Duration) -> String {
-    let probe = async {
-        let mut c = connect(admin_url, None).await?;
-        let row = sqlx::query("SELECT pg_is_in_recovery() AS r")
-            .fetch_one(&mut c)
+// === failover steps ===
+
+/// The server's WAL position in bytes from 0/0: written on a primary, replayed on a standby.
+pub async fn wal_position(conn: &mut PgConnection) -> Result<u64> {
+    let lsn: Option<i64> = sqlx::query_scalar(
+        "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                      ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::int8",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(lsn.unwrap_or(0) as u64)
+}
+
+/// Fences a primary before a switchover: new transactions are read-only (with ALTER SYSTEM,
+/// so a restart keeps it so), and sessions on `databases` (the pod's tenants) are ended so no
+/// write transaction stays open; waits up to `wait` for them to go.
+pub async fn fence(conn: &mut PgConnection, databases: &[String], wait: Duration) -> Result<()> {
+    exec(
+        conn,
+        "ALTER SYSTEM SET default_transaction_read_only = on".into(),
+    )
+    .await?;
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&mut *conn)
+        .await?;
+    let sessions =
+        "SELECT pid FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()";
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let pids: Vec<i32> = sqlx::query_scalar(sessions)
+            .bind(databases)
+            .fetch_all(&mut *conn)
             .await?;
-        let in_recovery: bool = row.try_get("r")?;
-        let _ = c.close().await;
-        Ok::<_, sqlx::Error>(if in_recovery {
-            "up (in recovery)".to_owned()
-        } else {
-            "up".to_owned()
-        })
-    };
-    match tokio::time::timeout(timeout, probe).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => format!("down: {}", short(&e)),
-        Err(_) => format!("down: no answer within {timeout:?}"),
+        if pids.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+        sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int4[]) AS pid")
+            .bind(&pids)
+            .execute(&mut *conn)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-fn short(e: &sqlx::Error) -> String {
+/// Undoes [`fence`] (a switchover that failed before the route switch).
+pub async fn unfence(conn: &mut PgConnection) -> Result<()> {
+    exec(
+        conn,
+        "ALTER SYSTEM RESET default_transaction_read_only".into(),
+    )
+    .await?;
+    sqlx::query("SELECT pg_reload_conf()").execute(conn).await?;
+    Ok(())
+}
+
+/// Promotes a standby and waits (up to `wait`) until it is out of recovery; false when it
+/// did not get there in time.
+pub async fn promote(conn: &mut PgConnection, wait: Duration) -> Result<bool> {
+    let secs = wait.as_secs().clamp(1, 3600) as i32;
+    let promoted: bool = sqlx::query_scalar("SELECT pg_promote(true, $1)")
+        .bind(secs)
+        .fetch_one(&mut *conn)
+        .await?;
+    let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+        .fetch_one(conn)
+        .await?;
+    Ok(promoted && !in_recovery)
+}
+
+/// Empties `synchronous_standby_names` on a new primary and returns what it was. A promoted
+/// standby may carry its old primary's list (copied by pg_basebackup), naming standbys that
+/// are gone or itself; left in place, every commit would wait forever.
+pub async fn clear_synchronous_standbys(conn: &mut PgConnection) -> Result<Option<String>> {
+    let names: String = sqlx::query_scalar("SELECT current_setting('synchronous_standby_names')")
+        .fetch_one(&mut *conn)
+        .await?;
+    if names.trim().is_empty() {
+        return Ok(None);
+    }
+    exec(
+        conn,
+        "ALTER SYSTEM SET synchronous_standby_names = ''".into(),
+    )
+    .await?;
+    sqlx::query("SELECT pg_reload_conf()").execute(conn).await?;
+    Ok(Some(names))
+}
+
+/// A short reason for a failed admin call, for health lines and messages.
+pub(crate) fn short(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Io(io) => io.to_string(),
         sqlx::Error::Database(d) => d.message().to_owned(),

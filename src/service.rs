@@ -111,6 +111,7 @@ pub async fn start_with_source(
         .map(|l| l.local_addr().expect("bound"));
 
     tracker.spawn(follow_catalog(fleet.clone(), shutdown.clone()));
+    tracker.spawn(crate::health::monitor(fleet.clone(), shutdown.clone()));
     tracker.spawn(crate::proxy::serve(
         fleet.proxy.clone(),
         listeners.pg,

@@ -190,6 +190,7 @@ async fn killed_client_frees_its_server_connection() {
             mode,
             pool_size: 1,
             checkout_timeout: "10s",
+            ..Default::default()
         })
         .await;
         f.tenant("acme", 0).await;
@@ -481,6 +482,7 @@ async fn pool_exhaustion_is_a_53300_not_a_hang() {
         mode: PoolMode::Session,
         pool_size: 1,
         checkout_timeout: "500ms",
+        ..Default::default()
     })
     .await;
     f.tenant("acme", 0).await;

@@ -2,6 +2,7 @@
 //! builds the whole router, so tests drive it with `tower::ServiceExt::oneshot`.
 //! Errors are mapped to statuses in one place ([`AppError`]).
 
+use crate::failover::FailoverRequest;
 use crate::fleet::{ErrorKind, Fleet, FleetError, NewTenant, ReloadError};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
@@ -22,8 +23,12 @@ const MAX_BODY: usize = 1024 * 1024;
 pub fn app(fleet: AppState) -> Router {
     let v1 = Router::new()
         .route("/pods", get(list_pods))
+        .route("/pods/{pod}/failover", post(failover_pod))
         .route("/tenants", get(list_tenants).post(create_tenant))
-        .route("/tenants/{tenant}", get(get_tenant).delete(delete_tenant))
+        .route(
+            "/tenants/{tenant}",
+            get(get_tenant).delete(delete_tenant).patch(patch_tenant),
+        )
         .route("/roles", post(put_role))
         .route("/audit", get(audit))
         .route("/config/reload", post(reload_config))
@@ -168,6 +173,25 @@ struct DeleteParams {
     drop_database: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantPatch {
+    /// "session", "transaction", or null to follow the pod and the config.
+    pool_mode: Option<crate::config::PoolMode>,
+}
+
+async fn patch_tenant(
+    State(fleet): State<AppState>,
+    Path(tenant): Path<String>,
+    body: Result<Json<TenantPatch>, JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Json(p) = body?;
+    let t = fleet
+        .set_tenant_pool_mode(&tenant, p.pool_mode, "admin-api")
+        .await?;
+    Ok(Json(json!(t)))
+}
+
 async fn delete_tenant(
     State(fleet): State<AppState>,
     Path(tenant): Path<String>,
@@ -225,24 +249,44 @@ struct ReloadRequest {
     force: bool,
 }
 
+/// A JSON body, where an empty one means the request's defaults.
+fn body_or_default<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    hint: &str,
+) -> Result<T, AppError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        AppError(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("{e}; {hint}"),
+        )
+    })
+}
+
+/// `POST /v1/pods/{pod}/failover` `{"to": optional replica URL}` (an empty body: the least
+/// lagging replica). Synchronous for now: answers 200 with the finished job, `succeeded` or
+/// `failed`; 404 unknown pod, 409 no healthy replica, 400 `to` is not one of its replicas.
+async fn failover_pod(
+    State(fleet): State<AppState>,
+    Path(pod): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let req: FailoverRequest =
+        body_or_default(&body, "send {} or {\"to\": \"postgres://USER@HOST:PORT\"}")?;
+    Ok(Json(json!(fleet.failover(&pod, req, "admin-api").await?)))
+}
+
 /// `POST /v1/config/reload`: an empty body means `{"force": false}`. A refused reload's
 /// error also lists the refusals as `{"field", "reason"}`.
 async fn reload_config(State(fleet): State<AppState>, body: axum::body::Bytes) -> Response {
-    let req: ReloadRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        ReloadRequest::default()
-    } else {
-        match serde_json::from_slice(&body) {
+    let req: ReloadRequest =
+        match body_or_default(&body, "send {\"force\": false} or {\"force\": true}") {
             Ok(r) => r,
-            Err(e) => {
-                return AppError(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_json",
-                    format!("{e}; send {{\"force\": false}} or {{\"force\": true}}"),
-                )
-                .into_response()
-            }
-        }
-    };
+            Err(e) => return e.into_response(),
+        };
     match fleet.reload_config(req.force, "admin-api").await {
         Ok(outcome) => Json(json!(outcome)).into_response(),
         Err(e) => {

@@ -28,6 +28,8 @@ pub struct PodRow {
     pub http: Vec<String>,
     pub weight: f64,
     pub accepting: bool,
+    /// Default pool mode of the pod's tenants (`session`/`transaction`), if set.
+    pub pool_mode: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -37,6 +39,8 @@ pub struct TenantRow {
     pub route_version: i64,
     pub state: String,
     pub roles: Vec<String>,
+    /// Pool mode override (`session`/`transaction`), if set.
+    pub pool_mode: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,7 +135,7 @@ impl Catalog {
             .execute(&mut *tx)
             .await?;
         let pods = sqlx::query(
-            "SELECT name, primary_url, replicas, http, weight, accepting FROM pods ORDER BY name",
+            "SELECT name, primary_url, replicas, http, weight, accepting, pool_mode FROM pods ORDER BY name",
         )
         .fetch_all(&mut *tx)
         .await?
@@ -139,7 +143,7 @@ impl Catalog {
         .map(|r| pod_row(&r))
         .collect::<Result<_, _>>()?;
         let tenants = sqlx::query(
-            "SELECT t.name, t.pod, t.route_version, t.state,
+            "SELECT t.name, t.pod, t.route_version, t.state, t.pool_mode,
                     coalesce(array_agg(g.role ORDER BY g.role) FILTER (WHERE g.role IS NOT NULL), '{}') AS roles
                FROM tenants t LEFT JOIN tenant_grants g ON g.tenant = t.name
               GROUP BY t.name ORDER BY t.name",
@@ -170,7 +174,7 @@ impl Catalog {
 
     pub async fn tenant(&self, name: &str) -> Result<Option<TenantRow>, CatalogError> {
         let row = sqlx::query(
-            "SELECT t.name, t.pod, t.route_version, t.state,
+            "SELECT t.name, t.pod, t.route_version, t.state, t.pool_mode,
                     coalesce(array_agg(g.role ORDER BY g.role) FILTER (WHERE g.role IS NOT NULL), '{}') AS roles
                FROM tenants t LEFT JOIN tenant_grants g ON g.tenant = t.name
               WHERE t.name = $1 GROUP BY t.name",
@@ -406,6 +410,77 @@ impl Catalog {
         Ok(())
     }
 
+    /// Sets or clears (None) a tenant's pool mode override, audited.
+    pub async fn set_tenant_pool_mode(
+        &self,
+        name: &str,
+        mode: Option<&str>,
+        actor: &str,
+    ) -> Result<bool, CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        let n =
+            sqlx::query("UPDATE tenants SET pool_mode = $2, updated_at = now() WHERE name = $1")
+                .bind(name)
+                .bind(mode)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if n > 0 {
+            audit(
+                &mut tx,
+                actor,
+                "tenant.pool_mode",
+                name,
+                serde_json::json!({ "pool_mode": mode }),
+            )
+            .await?;
+            notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    /// Makes `new_primary` the pod's primary, with `replicas` as its replicas, if
+    /// `old_primary` still is its primary (compare-and-set, so routers racing to follow the
+    /// same promotion agree); the route version of every tenant on the pod grows by one.
+    /// Audited as `pod.failover` with `detail`, then NOTIFY. False when the pod's primary was
+    /// no longer `old_primary` (nothing changed).
+    pub async fn switch_primary(
+        &self,
+        pod: &str,
+        old_primary: &str,
+        new_primary: &str,
+        replicas: &[String],
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<bool, CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE pods SET primary_url = $3, replicas = $4, updated_at = now()
+              WHERE name = $1 AND primary_url = $2",
+        )
+        .bind(pod)
+        .bind(old_primary)
+        .bind(new_primary)
+        .bind(sqlx::types::Json(replicas))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "UPDATE tenants SET route_version = route_version + 1, updated_at = now() WHERE pod = $1",
+        )
+        .bind(pod)
+        .execute(&mut *tx)
+        .await?;
+        audit(&mut tx, actor, "pod.failover", pod, detail).await?;
+        notify(&mut tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// Removes a tenant row (and its grants), audited.
     pub async fn delete_tenant(
         &self,
@@ -488,15 +563,55 @@ async fn audit(
     Ok(())
 }
 
+/// The catalog learns which server is a pod's primary (a failover changes it); the config
+/// only lists the pod's servers. So while the config names the same set of servers, the
+/// catalog's choice of primary stays, and a restart or reload after a failover never routes
+/// writes back to the old primary. A config that names other servers wins.
+async fn keep_failed_over_primary(
+    conn: &mut sqlx::PgConnection,
+    pod: &PodRow,
+) -> Result<Option<PodRow>, CatalogError> {
+    let row = sqlx::query("SELECT primary_url, replicas FROM pods WHERE name = $1 FOR UPDATE")
+        .bind(&pod.name)
+        .fetch_optional(conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let primary: String = row.try_get("primary_url")?;
+    let replicas = row
+        .try_get::<sqlx::types::Json<Vec<String>>, _>("replicas")?
+        .0;
+    let servers = |p: &str, r: &[String]| {
+        let mut all: Vec<String> = r.to_vec();
+        all.push(p.to_owned());
+        all.sort();
+        all
+    };
+    if primary == pod.primary_url
+        || servers(&primary, &replicas) != servers(&pod.primary_url, &pod.replicas)
+    {
+        return Ok(None);
+    }
+    Ok(Some(PodRow {
+        primary_url: primary,
+        replicas,
+        ..pod.clone()
+    }))
+}
+
 async fn upsert_pod(conn: &mut sqlx::PgConnection, pod: &PodRow) -> Result<(), CatalogError> {
+    let learned = keep_failed_over_primary(conn, pod).await?;
+    let pod = learned.as_ref().unwrap_or(pod);
     sqlx::query(
-        "INSERT INTO pods (name, primary_url, replicas, http, weight, accepting)
-         VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO pods (name, primary_url, replicas, http, weight, accepting, pool_mode)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (name) DO UPDATE SET primary_url = excluded.primary_url,
              replicas = excluded.replicas, http = excluded.http, weight = excluded.weight,
-             accepting = excluded.accepting, updated_at = now()
-         WHERE (pods.primary_url, pods.replicas, pods.http, pods.weight, pods.accepting)
-               IS DISTINCT FROM (excluded.primary_url, excluded.replicas, excluded.http, excluded.weight, excluded.accepting)",
+             accepting = excluded.accepting, pool_mode = excluded.pool_mode, updated_at = now()
+         WHERE (pods.primary_url, pods.replicas, pods.http, pods.weight, pods.accepting, pods.pool_mode)
+               IS DISTINCT FROM (excluded.primary_url, excluded.replicas, excluded.http, excluded.weight,
+                                 excluded.accepting, excluded.pool_mode)",
     )
     .bind(&pod.name)
     .bind(&pod.primary_url)
@@ -504,6 +619,7 @@ async fn upsert_pod(conn: &mut sqlx::PgConnection, pod: &PodRow) -> Result<(), C
     .bind(sqlx::types::Json(&pod.http))
     .bind(pod.weight)
     .bind(pod.accepting)
+    .bind(&pod.pool_mode)
     .execute(conn)
     .await?;
     Ok(())
@@ -561,6 +677,7 @@ fn pod_row(r: &sqlx::postgres::PgRow) -> Result<PodRow, sqlx::Error> {
         http: r.try_get::<sqlx::types::Json<Vec<String>>, _>("http")?.0,
         weight: r.try_get("weight")?,
         accepting: r.try_get("accepting")?,
+        pool_mode: r.try_get("pool_mode")?,
     })
 }
 
@@ -571,5 +688,6 @@ fn tenant_row(r: &sqlx::postgres::PgRow) -> Result<TenantRow, sqlx::Error> {
         route_version: r.try_get("route_version")?,
         state: r.try_get("state")?,
         roles: r.try_get("roles")?,
+        pool_mode: r.try_get("pool_mode")?,
     })
 }

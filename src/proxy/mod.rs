@@ -2,8 +2,8 @@
 //! connections, pools and cancel routing.
 //!
 //! Life cycle of a client connection (each phase in its own module):
-//! accept (max clients) → [`startup`] (SSL 'N', startup packet, SCRAM against the catalog,
-//! tenant lookup and grant check) → [`session`] (checkout from the tenant's [`pool`], replay
+//! accept (max clients) → [`startup`] (SSLRequest: a [`tls`] handshake or 'N', startup
+//! packet, SCRAM against the catalog, tenant lookup and grant check) → [`session`] (checkout from the tenant's [`pool`], replay
 //! of session parameters, relay, release) → close. Cancel requests are routed by [`cancel`].
 
 pub mod cancel;
@@ -12,8 +12,10 @@ pub mod prepared;
 pub mod server;
 pub mod session;
 pub mod startup;
+pub mod stream;
+pub mod tls;
 
-use crate::config::{Config, PoolMode};
+use crate::config::{Config, PgEndpoint, PoolMode, ReplicaLag};
 use crate::protocol::backend::RouterError;
 use crate::protocol::sqlstate;
 use crate::routing::{RoleAuth, SharedTable, TenantRoute};
@@ -35,24 +37,43 @@ use tokio_util::task::TaskTracker;
 pub struct ProxySettings {
     pub mode: PoolMode,
     pub pool_size: usize,
+    /// Server connections per pod: the default and each pod's own.
+    pub pod_limit: usize,
+    pub pod_limits: std::collections::HashMap<String, usize>,
+    pub max_clients_per_tenant: usize,
     pub limits: PoolLimits,
     pub auth_timeout: Duration,
     pub reset_query: String,
+    /// Bound on a replica's lag for sessions that ask for one (`podrouter.target=replica`).
+    pub max_replica_lag: ReplicaLag,
 }
 
 impl ProxySettings {
+    pub fn pod_limit(&self, pod: &str) -> usize {
+        self.pod_limits.get(pod).copied().unwrap_or(self.pod_limit)
+    }
+
     pub fn from_config(c: &Config) -> Self {
         ProxySettings {
             mode: c.pool.mode,
             pool_size: c.pool.size as usize,
+            pod_limit: c.pool.max_pod_connections as usize,
+            pod_limits: c
+                .pods
+                .iter()
+                .map(|p| (p.name.clone(), c.pod_connection_limit(&p.name)))
+                .collect(),
+            max_clients_per_tenant: c.pool.max_clients_per_tenant as usize,
             limits: PoolLimits {
                 checkout_timeout: c.pool.checkout_timeout.0,
                 connect_timeout: c.router.connect_timeout.0,
                 server_lifetime: c.pool.server_lifetime.0,
                 server_idle_timeout: c.pool.server_idle_timeout.0,
+                server_check_after: c.pool.server_check_after.0,
             },
             auth_timeout: c.auth.timeout.0,
             reset_query: c.pool.reset_query.clone(),
+            max_replica_lag: c.pool.max_replica_lag,
         }
     }
 }
@@ -74,13 +95,39 @@ pub struct Proxy {
     max_clients: usize,
     mock_secret: [u8; 32],
     next_client_id: AtomicU64,
+    /// Live client sessions per tenant, for `pool.max_clients_per_tenant`.
+    tenant_clients: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
+    /// The pods' health as last probed (crate::health), read by replica routing.
+    pub health: crate::health::HealthBoard,
+    /// TLS offered to clients (restart-only: loaded once here).
+    pub client_tls: tls::ClientTls,
+}
+
+/// One counted client session of a tenant; uncounted on drop.
+struct TenantClient<'a> {
+    proxy: &'a Proxy,
+    tenant: String,
+}
+
+impl Drop for TenantClient<'_> {
+    fn drop(&mut self) {
+        let mut map = self.proxy.tenant_clients.lock();
+        if let Some(n) = map.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl Proxy {
-    pub fn new(table: SharedTable, config: &Config) -> Proxy {
+    /// `base` is the config file's directory, for relative TLS file paths.
+    pub fn new(table: SharedTable, config: &Config, base: Option<&std::path::Path>) -> Proxy {
+        let tls = tls::TlsSetup::load_or_fail_closed(config.tls.as_ref(), base);
         Proxy {
             table,
-            pools: Pools::default(),
+            pools: Pools::with_pod_tls(tls.pods),
             cancels: cancel::CancelRegistry::default(),
             stats: ProxyStats::default(),
             settings: ArcSwap::from_pointee(ProxySettings::from_config(config)),
@@ -88,6 +135,9 @@ impl Proxy {
             max_clients: config.pool.max_clients as usize,
             mock_secret: rand::random(),
             next_client_id: AtomicU64::new(1),
+            tenant_clients: Default::default(),
+            health: Default::default(),
+            client_tls: tls.clients,
         }
     }
 
@@ -98,9 +148,30 @@ impl Proxy {
     /// Applies reloaded settings: new sessions and checkouts use them at once, and existing
     /// pools are resized to the new pool size.
     pub fn apply_settings(&self, s: ProxySettings) {
-        let size = s.pool_size;
-        self.settings.store(Arc::new(s));
-        self.pools.resize_all(size);
+        let s = Arc::new(s);
+        self.settings.store(s.clone());
+        self.pools.resize_all(s.pool_size, |pod| s.pod_limit(pod));
+    }
+
+    /// Counts a client session of `tenant`, or refuses it when the tenant is at its limit.
+    fn admit_tenant_client(&self, tenant: &str) -> Result<TenantClient<'_>, RouterError> {
+        let limit = self.settings().max_clients_per_tenant;
+        let mut map = self.tenant_clients.lock();
+        let n = map.entry(tenant.to_owned()).or_insert(0);
+        if *n >= limit {
+            return Err(RouterError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("podrouter: too many connections for tenant \"{tenant}\" (limit {limit})"),
+            )
+            .with_hint(
+                "Close idle connections, or ask an operator to raise pool.max_clients_per_tenant.",
+            ));
+        }
+        *n += 1;
+        Ok(TenantClient {
+            proxy: self,
+            tenant: tenant.to_owned(),
+        })
     }
 
     pub(crate) fn mock_secret(&self) -> &[u8] {
@@ -108,9 +179,23 @@ impl Proxy {
     }
 
     pub fn pool_for(&self, route: &TenantRoute, role: &RoleAuth) -> Arc<Pool> {
-        let size = self.settings().pool_size;
-        self.pools
-            .get_or_create(session::pool_key(route, &role.name), size, &role.verifier)
+        self.pool_at(route, role, &route.pod.primary)
+    }
+
+    /// The pool of a tenant and role on one server of its pod: the primary or a replica.
+    pub fn pool_at(
+        &self,
+        route: &TenantRoute,
+        role: &RoleAuth,
+        endpoint: &PgEndpoint,
+    ) -> Arc<Pool> {
+        let s = self.settings();
+        self.pools.get_or_create(
+            session::pool_key_at(route, &role.name, endpoint),
+            s.pool_size,
+            s.pod_limit(&route.pod.name),
+            &role.verifier,
+        )
     }
 
     /// Drops idle server connections past their idle timeout and pools of old routes.
@@ -120,7 +205,7 @@ impl Proxy {
         self.pools.maintain(idle, |k| {
             table
                 .tenant(&k.tenant)
-                .is_some_and(|t| t.pod.name == k.pod && t.pod.primary == k.endpoint)
+                .is_some_and(|t| t.pod.name == k.pod && t.pod.serves(&k.endpoint))
         });
     }
 }
@@ -154,11 +239,12 @@ pub async fn serve(
 
 async fn handle_client(
     proxy: Arc<Proxy>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let mut stream = stream::ClientStream::Plain(stream);
     proxy.stats.clients_accepted.fetch_add(1, Ordering::Relaxed);
     let permit = proxy.client_slots.clone().try_acquire_owned();
     let mut buf = BytesMut::new();
@@ -197,6 +283,14 @@ async fn handle_client(
         send_fatal(&mut stream, &e).await;
         return;
     };
+    let _counted = match proxy.admit_tenant_client(&auth.tenant.name) {
+        Ok(c) => c,
+        Err(e) => {
+            proxy.stats.clients_refused.fetch_add(1, Ordering::Relaxed);
+            send_fatal(&mut stream, &e).await;
+            return;
+        }
+    };
     proxy.stats.clients_active.fetch_add(1, Ordering::Relaxed);
     let registration = proxy.cancels.register();
     let pool = proxy.pool_for(&auth.tenant, &auth.role);
@@ -217,7 +311,7 @@ async fn handle_client(
     proxy.stats.clients_active.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn send_fatal(stream: &mut TcpStream, e: &RouterError) {
+async fn send_fatal(stream: &mut stream::ClientStream, e: &RouterError) {
     let mut out = BytesMut::new();
     e.encode(&mut out);
     let _ = stream.write_all(&out).await;

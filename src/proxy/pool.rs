@@ -1,14 +1,20 @@
-//! Server connection pools, one per (tenant, role, pod route). A semaphore bounds the
-//! connections checked out; an idle stack (LIFO, so warm connections are reused first) holds
-//! the rest. New connections are made only when no idle one is left, so idle + checked out
-//! never exceeds the pool size.
+//! Server connection pools, one per (tenant, role, pod route), and the cap on server
+//! connections per pod that all pools of a pod share.
+//!
+//! A pool's [`Capacity`] bounds the connections checked out; an idle stack (LIFO, so warm
+//! connections are reused first) holds the rest. New connections are made only when no idle
+//! one is left, so idle + checked out never exceeds the pool size. Every server connection
+//! also holds a slot of its pod's capacity for its whole life; when a pod is full, idle
+//! connections of other pools on it are closed to make room.
 
 use super::server::{Credentials, ServerConn, ServerError};
+use super::tls::PodTls;
 use crate::config::PgEndpoint;
 use crate::protocol::scram::Verifier;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -25,6 +31,8 @@ pub struct PoolKey {
 pub enum CheckoutError {
     #[error("all {size} server connections for this tenant and role stayed busy for {waited:?}")]
     Timeout { size: usize, waited: Duration },
+    #[error("the pod is at its limit of {limit} server connections")]
+    PodFull { limit: usize },
     #[error(transparent)]
     Server(#[from] ServerError),
 }
@@ -36,16 +44,143 @@ pub struct PoolLimits {
     pub connect_timeout: Duration,
     pub server_lifetime: Duration,
     pub server_idle_timeout: Duration,
+    /// Idle longer than this: checked with a query before reuse.
+    pub server_check_after: Duration,
 }
+
+// === impl Capacity ===
+
+/// A resizable count of slots: a semaphore plus its current size.
+pub struct Capacity {
+    sem: Arc<Semaphore>,
+    size: AtomicUsize,
+}
+
+impl Capacity {
+    fn new(size: usize) -> Capacity {
+        Capacity {
+            sem: Arc::new(Semaphore::new(size)),
+            size: size.into(),
+        }
+    }
+
+    fn try_take(&self) -> Option<OwnedSemaphorePermit> {
+        self.sem.clone().try_acquire_owned().ok()
+    }
+
+    async fn take(&self, within: Duration) -> Option<OwnedSemaphorePermit> {
+        match self.try_take() {
+            Some(p) => Some(p),
+            None => tokio::time::timeout(within, self.sem.clone().acquire_owned())
+                .await
+                .ok()
+                .map(|p| p.expect("capacities are never closed")),
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.size().saturating_sub(self.sem.available_permits())
+    }
+
+    /// Growing adds slots at once; shrinking takes slots away as they are given back
+    /// (nothing in use is cut).
+    fn resize(&self, new_size: usize) {
+        let old = self.size.swap(new_size, Ordering::Relaxed);
+        if new_size > old {
+            self.sem.add_permits(new_size - old);
+        } else if new_size < old {
+            let owed = (old - new_size) - self.sem.forget_permits(old - new_size);
+            if owed > 0 {
+                let sem = self.sem.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = sem.acquire_many_owned(owed as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+        }
+    }
+}
+
+// === impl PodSlots ===
+
+/// The server connections one pod may have in all, and the pools that use them.
+pub struct PodSlots {
+    capacity: Capacity,
+    pools: Mutex<Vec<Weak<Pool>>>,
+}
+
+impl PodSlots {
+    /// Closes the oldest idle connection of any pool on this pod; true if one was closed.
+    fn evict_one_idle(&self) -> bool {
+        let pools: Vec<Arc<Pool>> = {
+            let mut list = self.pools.lock();
+            list.retain(|w| w.strong_count() > 0);
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        let oldest = pools
+            .iter()
+            .filter_map(|p| p.idle.lock().first().map(|c| (c.last_used, p.clone())))
+            .min_by_key(|(t, _)| *t);
+        match oldest {
+            Some((_, pool)) => {
+                let mut idle = pool.idle.lock();
+                if idle.is_empty() {
+                    return false;
+                }
+                drop(idle.remove(0)); // its pod slot is freed with it
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A pod slot for a new server connection, making room if the pod is full.
+    async fn take(&self, within: Duration) -> Result<OwnedSemaphorePermit, CheckoutError> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(p) = self.capacity.try_take() {
+                return Ok(p);
+            }
+            if !self.evict_one_idle() {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                // Wait briefly for a slot, then look again for idle connections to close.
+                if let Some(p) = self
+                    .capacity
+                    .take(left.min(Duration::from_millis(25)))
+                    .await
+                {
+                    return Ok(p);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(CheckoutError::PodFull {
+                        limit: self.capacity.size(),
+                    });
+                }
+            }
+        }
+    }
+
+    pub fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+}
+
+// === impl Pool ===
 
 pub struct Pool {
     pub key: PoolKey,
-    size: std::sync::atomic::AtomicUsize,
-    permits: Arc<Semaphore>,
+    capacity: Capacity,
+    pod: Arc<PodSlots>,
     idle: Mutex<Vec<ServerConn>>,
     auth: Mutex<PoolAuth>,
     /// Prepared statements known to parse on this pool's servers.
     pub known: super::prepared::KnownStatements,
+    pod_tls: PodTls,
 }
 
 struct PoolAuth {
@@ -61,20 +196,6 @@ pub struct Checkout {
 }
 
 impl Pool {
-    fn new(key: PoolKey, size: usize, verifier: Verifier) -> Pool {
-        Pool {
-            key,
-            size: size.into(),
-            permits: Arc::new(Semaphore::new(size)),
-            idle: Mutex::new(Vec::with_capacity(size)),
-            auth: Mutex::new(PoolAuth {
-                client_key: None,
-                verifier,
-            }),
-            known: Default::default(),
-        }
-    }
-
     /// Records the ClientKey and verifier of a client that just authenticated, so new server
     /// connections can log in with SCRAM pass-through.
     pub fn remember_auth(&self, client_key: [u8; 32], verifier: &Verifier) {
@@ -86,35 +207,49 @@ impl Pool {
     }
 
     pub async fn checkout(&self, limits: &PoolLimits) -> Result<Checkout, CheckoutError> {
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
+        let started = tokio::time::Instant::now();
+        let permit = match self.capacity.try_take() {
+            Some(p) => p,
+            None => {
                 tracing::trace!(tenant = %self.key.tenant, "checkout waits");
-                tokio::time::timeout(
-                    limits.checkout_timeout,
-                    self.permits.clone().acquire_owned(),
-                )
-                .await
-                .map_err(|_| CheckoutError::Timeout {
-                    size: self.size(),
-                    waited: limits.checkout_timeout,
-                })?
-                .expect("pool semaphores are never closed")
+                self.capacity
+                    .take(limits.checkout_timeout)
+                    .await
+                    .ok_or(CheckoutError::Timeout {
+                        size: self.capacity.size(),
+                        waited: limits.checkout_timeout,
+                    })?
             }
         };
         loop {
             let conn = self.idle.lock().pop();
             match conn {
-                Some(c) if c.looks_alive() && c.created.elapsed() < limits.server_lifetime => {
+                Some(c) if !c.looks_alive() || c.created.elapsed() >= limits.server_lifetime => {
+                    continue
+                }
+                Some(mut c) if c.last_used.elapsed() >= limits.server_check_after => {
+                    // Long idle: a firewall or a pod restart may have cut it silently.
+                    if c.simple_query("SELECT 1", limits.connect_timeout)
+                        .await
+                        .is_ok()
+                    {
+                        return Ok(Checkout {
+                            conn: c,
+                            _permit: permit,
+                        });
+                    }
+                }
+                Some(c) => {
                     return Ok(Checkout {
                         conn: c,
                         _permit: permit,
-                    });
+                    })
                 }
-                Some(_) => continue, // dead or too old: dropped here, try the next one
                 None => break,
             }
         }
+        let left = limits.checkout_timeout.saturating_sub(started.elapsed());
+        let pod_slot = self.pod.take(left).await?;
         let creds = {
             let a = self.auth.lock();
             Credentials {
@@ -124,7 +259,14 @@ impl Pool {
                 verifier: a.verifier.clone(),
             }
         };
-        let conn = ServerConn::connect(&self.key.endpoint, &creds, limits.connect_timeout).await?;
+        let mut conn = ServerConn::connect(
+            &self.key.endpoint,
+            &creds,
+            &self.pod_tls,
+            limits.connect_timeout,
+        )
+        .await?;
+        conn.pod_slot = Some(pod_slot);
         Ok(Checkout {
             conn,
             _permit: permit,
@@ -150,63 +292,103 @@ impl Pool {
     }
 
     pub fn active_count(&self) -> usize {
-        self.size().saturating_sub(self.permits.available_permits())
+        self.capacity.in_use()
     }
 
     pub fn size(&self) -> usize {
-        self.size.load(std::sync::atomic::Ordering::Relaxed)
+        self.capacity.size()
     }
 
-    /// Changes the pool size. Growing adds permits at once; shrinking takes permits away as
-    /// connections come back (checked-out connections are never cut), and closes surplus
-    /// idle connections.
+    /// Changes the pool size; surplus idle connections (oldest first) are closed.
     pub fn resize(&self, new_size: usize) {
-        use std::sync::atomic::Ordering;
-        let old = self.size.swap(new_size, Ordering::Relaxed);
-        if new_size > old {
-            self.permits.add_permits(new_size - old);
-        } else if new_size < old {
-            let mut owed = old - new_size;
-            owed -= self.permits.forget_permits(owed);
-            if owed > 0 {
-                // The rest is taken as checked-out connections are released.
-                let permits = self.permits.clone();
-                tokio::spawn(async move {
-                    if let Ok(p) = permits.acquire_many_owned(owed as u32).await {
-                        p.forget();
-                    }
-                });
-            }
-            let mut idle = self.idle.lock();
-            let surplus = idle.len().saturating_sub(new_size);
-            // The oldest idle connections are at the front (LIFO reuse pops the back).
-            idle.drain(..surplus);
-        }
+        self.capacity.resize(new_size);
+        let mut idle = self.idle.lock();
+        let surplus = idle.len().saturating_sub(new_size);
+        idle.drain(..surplus);
     }
 }
 
-/// All pools of this router.
+// === impl Pools ===
+
+/// All pools of this router, and the slots of each pod.
 #[derive(Default)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    pods: Mutex<HashMap<String, Arc<PodSlots>>>,
+    /// How new server connections negotiate TLS (`tls.pod_tls`, restart-only).
+    pod_tls: PodTls,
 }
 
 impl Pools {
-    pub fn get_or_create(&self, key: PoolKey, size: usize, verifier: &Verifier) -> Arc<Pool> {
-        let mut map = self.pools.lock();
-        if let Some(p) = map.get(&key) {
+    pub fn with_pod_tls(pod_tls: PodTls) -> Pools {
+        Pools {
+            pod_tls,
+            ..Pools::default()
+        }
+    }
+
+    /// The pool for `key`; `pod_limit` sizes the pod's slots when they are first made.
+    pub fn get_or_create(
+        &self,
+        key: PoolKey,
+        size: usize,
+        pod_limit: usize,
+        verifier: &Verifier,
+    ) -> Arc<Pool> {
+        if let Some(p) = self.pools.lock().get(&key) {
             return p.clone();
         }
-        let pool = Arc::new(Pool::new(key.clone(), size, verifier.clone()));
+        let pod = self
+            .pods
+            .lock()
+            .entry(key.pod.clone())
+            .or_insert_with(|| {
+                Arc::new(PodSlots {
+                    capacity: Capacity::new(pod_limit),
+                    pools: Mutex::new(Vec::new()),
+                })
+            })
+            .clone();
+        let mut map = self.pools.lock();
+        if let Some(p) = map.get(&key) {
+            return p.clone(); // another session made it meanwhile
+        }
+        let pool = Arc::new(Pool {
+            key: key.clone(),
+            capacity: Capacity::new(size),
+            pod: pod.clone(),
+            idle: Mutex::new(Vec::with_capacity(size)),
+            auth: Mutex::new(PoolAuth {
+                client_key: None,
+                verifier: verifier.clone(),
+            }),
+            known: Default::default(),
+            pod_tls: self.pod_tls.clone(),
+        });
+        pod.pools.lock().push(Arc::downgrade(&pool));
         map.insert(key, pool.clone());
         pool
+    }
+
+    /// Applies new sizes: every pool to `size`, every pod to `pod_limit(pod)`.
+    pub fn resize_all(&self, size: usize, pod_limit: impl Fn(&str) -> usize) {
+        for p in self.snapshot() {
+            if p.size() != size {
+                p.resize(size);
+            }
+        }
+        for (name, slots) in self.pods.lock().iter() {
+            let limit = pod_limit(name);
+            if slots.capacity.size() != limit {
+                slots.capacity.resize(limit);
+            }
+        }
     }
 
     /// Prunes idle connections everywhere and forgets pools that are empty and whose route is
     /// no longer current (`is_current` says whether a key still matches the routing table).
     pub fn maintain(&self, idle_timeout: Duration, is_current: impl Fn(&PoolKey) -> bool) {
-        let pools: Vec<Arc<Pool>> = self.pools.lock().values().cloned().collect();
-        for p in &pools {
+        for p in &self.snapshot() {
             let stale = !is_current(&p.key);
             p.prune(if stale { Duration::ZERO } else { idle_timeout });
         }
@@ -215,15 +397,11 @@ impl Pools {
             .retain(|k, p| is_current(k) || p.active_count() > 0 || p.idle_count() > 0);
     }
 
-    pub fn resize_all(&self, size: usize) {
-        for p in self.snapshot() {
-            if p.size() != size {
-                p.resize(size);
-            }
-        }
-    }
-
     pub fn snapshot(&self) -> Vec<Arc<Pool>> {
         self.pools.lock().values().cloned().collect()
+    }
+
+    pub fn pod_slots(&self, pod: &str) -> Option<Arc<PodSlots>> {
+        self.pods.lock().get(pod).cloned()
     }
 }

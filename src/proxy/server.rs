@@ -2,6 +2,8 @@
 //! pass-through, collect ParameterStatus and BackendKeyData, and run the few simple queries
 //! the router issues itself (reset, parameter sync).
 
+use super::stream::ServerStream;
+use super::tls::PodTls;
 use crate::config::PgEndpoint;
 use crate::protocol::backend::RouterError;
 use crate::protocol::scram::{self, ClientKeyExchange, ScramError, Verifier};
@@ -31,6 +33,8 @@ pub enum ServerError {
     Postgres(PgError),
     #[error("protocol error from the pod: {0}")]
     Protocol(String),
+    #[error("TLS with the pod failed: {0}")]
+    Tls(String),
 }
 
 /// An ErrorResponse from a pod, kept whole so it can be relayed to the client.
@@ -60,7 +64,7 @@ pub struct Credentials {
 }
 
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     pub addr: SocketAddr,
     pub backend_pid: i32,
     pub backend_secret: i32,
@@ -76,15 +80,18 @@ pub struct ServerConn {
     pub synced_for: Option<(u64, u64)>,
     /// Named statements prepared on this connection by the transaction-mode rewriter.
     pub prepared: super::prepared::ServerStatements,
+    /// This connection's slot of its pod's connection cap, freed when it closes.
+    pub pod_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl ServerConn {
     pub async fn connect(
         endpoint: &PgEndpoint,
         creds: &Credentials,
+        tls: &PodTls,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
-        match tokio::time::timeout(timeout, Self::connect_inner(endpoint, creds)).await {
+        match tokio::time::timeout(timeout, Self::connect_inner(endpoint, creds, tls)).await {
             Ok(r) => r,
             Err(_) => Err(ServerError::Timeout(timeout)),
         }
@@ -93,10 +100,12 @@ impl ServerConn {
     async fn connect_inner(
         endpoint: &PgEndpoint,
         creds: &Credentials,
+        tls: &PodTls,
     ) -> Result<ServerConn, ServerError> {
         let stream = TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
         stream.set_nodelay(true)?;
         let addr = stream.peer_addr()?;
+        let stream = tls.negotiate(stream, &endpoint.host).await?;
         let mut conn = ServerConn {
             stream,
             addr,
@@ -108,6 +117,7 @@ impl ServerConn {
             last_used: Instant::now(),
             synced_for: None,
             prepared: Default::default(),
+            pod_slot: None,
         };
         let mut out = BytesMut::new();
         frontend::startup_message(
@@ -338,8 +348,7 @@ impl ServerConn {
     /// Whether an idle connection still looks alive: no EOF and no unsolicited bytes (a
     /// server shutting down sends a FATAL before closing). Cheap: one non-blocking read.
     pub fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.looks_alive()
     }
 }
 
@@ -407,6 +416,11 @@ pub fn client_error(tenant: &str, e: &ServerError) -> RouterError {
                 pg.message
             ),
         ),
+        ServerError::Tls(_) => RouterError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("podrouter: tenant \"{tenant}\" is unavailable: TLS with its pod failed"),
+        )
+        .with_hint("An operator should check tls.pod_tls and the pod's certificate; the router's log has the cause."),
         other => RouterError::fatal(
             sqlstate::CONNECTION_FAILURE,
             format!("podrouter: cannot log in to tenant \"{tenant}\" on its pod: {other}"),

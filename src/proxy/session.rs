@@ -11,16 +11,17 @@
 use super::cancel::{send_cancel, BackendTarget, CancelSlot};
 use super::pool::{Checkout, CheckoutError, Pool, PoolKey};
 use super::prepared::{self, ClientStatements, Replies, Step};
-use super::startup::Authenticated;
+use super::startup::{Authenticated, Target};
+use super::stream::ClientStream;
 use super::Proxy;
 use crate::config::PoolMode;
 use crate::protocol::backend::{self, RouterError};
 use crate::protocol::framing::{self, FrameError};
 use crate::protocol::sqlstate;
+use crate::routing::replica;
 use bytes::BytesMut;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// How long a server may take to finish replying after its client left.
@@ -29,6 +30,7 @@ const DRAIN_ON_EXIT: std::time::Duration = std::time::Duration::from_millis(500)
 /// Bytes queued towards one side before the relay stops reading from the other.
 const HIGH_WATER: usize = 256 * 1024;
 const READ_CHUNK: usize = 32 * 1024;
+const IDLE_READ_CHUNK: usize = 2 * 1024;
 
 /// How a stretch of relaying with one server connection ended.
 enum Attached {
@@ -53,7 +55,7 @@ struct Scan {
 
 pub struct Session<'a> {
     proxy: &'a Proxy,
-    client: TcpStream,
+    client: ClientStream,
     auth: Authenticated,
     slot: Arc<CancelSlot>,
     client_id: u64,
@@ -70,6 +72,7 @@ pub struct Session<'a> {
     sscan: Scan,
     status: u8,
     terminate: bool,
+    mode: PoolMode,
     /// The replies still expected from the server, in order (both modes); in transaction
     /// mode also the client's named statements.
     replies: Replies,
@@ -79,7 +82,7 @@ pub struct Session<'a> {
 impl<'a> Session<'a> {
     pub fn new(
         proxy: &'a Proxy,
-        client: TcpStream,
+        client: ClientStream,
         auth: Authenticated,
         slot: Arc<CancelSlot>,
         client_id: u64,
@@ -87,7 +90,10 @@ impl<'a> Session<'a> {
         leftover: BytesMut,
     ) -> Self {
         let route = auth.tenant.clone();
+        // Fixed for the session's life: the tenant's own mode, else its pod's, else the config's.
+        let mode = route.pool_mode(proxy.settings().mode);
         Session {
+            mode,
             proxy,
             client,
             auth,
@@ -98,7 +104,7 @@ impl<'a> Session<'a> {
             route,
             cin: leftover,
             cout: BytesMut::new(),
-            sin: BytesMut::with_capacity(READ_CHUNK),
+            sin: BytesMut::new(),
             sout: BytesMut::new(),
             cscan: Scan::default(),
             sscan: Scan::default(),
@@ -110,7 +116,7 @@ impl<'a> Session<'a> {
     }
 
     fn mode(&self) -> PoolMode {
-        self.proxy.settings().mode
+        self.mode
     }
 
     /// Server connection for the client's next stretch of work, with its session
@@ -120,19 +126,42 @@ impl<'a> Session<'a> {
         let table = self.proxy.table.load();
         if let Some(current) = table.tenant(&self.route.name) {
             if !Arc::ptr_eq(current, &self.route) {
-                if current.pod.name != self.route.pod.name
-                    || current.pod.primary != self.route.pod.primary
-                {
-                    self.pool = self.proxy.pool_for(current, &self.auth.role);
-                    self.pool
-                        .remember_auth(self.auth.client_key, &self.auth.role.verifier);
-                }
                 self.route = current.clone();
             }
         }
         drop(table);
         let settings = self.proxy.settings();
-        let mut co = self.pool.checkout(&settings.limits).await.map_err(|e| match e {
+        // The primary, unless the client asked for a replica and one is fit for reads (the
+        // documented fallback is the primary). Pools are per endpoint, so a failover or a
+        // replica falling behind moves the next checkout without touching open ones.
+        let endpoint = match self.auth.target {
+            Target::Replica => replica::readable(
+                &self.route.pod,
+                &self.proxy.health.load(),
+                settings.max_replica_lag,
+                self.client_id,
+            ),
+            Target::Primary => None,
+        }
+        .unwrap_or(&self.route.pod.primary);
+        if self.pool.key.pod != self.route.pod.name || self.pool.key.endpoint != *endpoint {
+            self.pool = self.proxy.pool_at(&self.route, &self.auth.role, endpoint);
+            self.pool
+                .remember_auth(self.auth.client_key, &self.auth.role.verifier);
+        }
+        let checkout = match self.pool.checkout(&settings.limits).await {
+            // A replica that fails (down before the monitor noticed, or a tenant too new to
+            // have replayed there) is not the client's problem: this checkout uses the primary.
+            Err(CheckoutError::Server(e)) if self.pool.key.endpoint != self.route.pod.primary => {
+                tracing::debug!(tenant = %self.route.name, "replica unusable, using the primary: {e}");
+                self.pool = self.proxy.pool_for(&self.route, &self.auth.role);
+                self.pool
+                    .remember_auth(self.auth.client_key, &self.auth.role.verifier);
+                self.pool.checkout(&settings.limits).await
+            }
+            other => other,
+        };
+        let mut co = checkout.map_err(|e| match e {
             CheckoutError::Timeout { size, waited } => RouterError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
                 format!(
@@ -141,6 +170,14 @@ impl<'a> Session<'a> {
                 ),
             )
             .with_hint("Retry later, or raise pool.size for this tenant."),
+            CheckoutError::PodFull { limit } => RouterError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!(
+                    "podrouter: the pod of tenant \"{}\" is at its limit of {limit} server connections",
+                    self.route.name
+                ),
+            )
+            .with_hint("Retry later; operators can raise pool.max_pod_connections (below the pod's max_connections) or move tenants off this pod."),
             CheckoutError::Server(e) => {
                 tracing::warn!(tenant = %self.route.name, pod = %self.route.pod.name, "server connection failed: {e}");
                 super::server::client_error(&self.route.name, &e)
@@ -548,10 +585,26 @@ impl<'a> Session<'a> {
                     return Idle::End(Some(violation(FrameError::UnknownFrontendTag(h.tag))))
                 }
                 Ok(Some(h)) if h.tag == b'X' => return Idle::End(None),
+                Ok(Some(h)) if h.tag == b'Q' && self.cin.len() >= h.wire_len => {
+                    match session_only(&self.cin[5..h.wire_len]) {
+                        Some(feature) => {
+                            // Refused before any server is involved; the client stays usable.
+                            let _ = self.cin.split_to(h.wire_len);
+                            session_only_error(feature, &self.route.name).encode(&mut self.sout);
+                            backend::ready_for_query(&mut self.sout, b'I');
+                            continue;
+                        }
+                        None => return Idle::Work,
+                    }
+                }
                 Ok(Some(_)) => return Idle::Work,
                 Ok(None) => {}
             }
-            reserve(&mut self.cin);
+            // An idle client usually sends one small message next: keep its buffer small,
+            // since thousands of idle clients each hold one.
+            if self.cin.capacity() - self.cin.len() < 64 {
+                self.cin.reserve(IDLE_READ_CHUNK);
+            }
             let (mut cr, mut cw) = self.client.split();
             tokio::select! {
                 biased;
@@ -581,6 +634,36 @@ const TRACKED: &[&str] = &[
     "TimeZone",
     "standard_conforming_strings",
 ];
+
+/// Statements that need a server connection for the rest of the session, which transaction
+/// pooling cannot give: they are refused with a clear error rather than silently breaking
+/// (a LISTEN that never hears, a lock held by whoever gets the connection next).
+fn session_only(query: &[u8]) -> Option<&'static str> {
+    let q = String::from_utf8_lossy(query).to_ascii_lowercase();
+    let q = q.trim_start();
+    if q.starts_with("listen ") || q.starts_with("listen\t") {
+        Some("LISTEN")
+    } else if q.contains("pg_advisory_lock(")
+        || q.contains("pg_try_advisory_lock(")
+        || q.contains("pg_advisory_lock_shared(")
+    {
+        Some("a session-level advisory lock")
+    } else if q.starts_with("declare ") && q.contains(" with hold") {
+        Some("a WITH HOLD cursor")
+    } else {
+        None
+    }
+}
+
+fn session_only_error(feature: &str, tenant: &str) -> RouterError {
+    RouterError::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("podrouter: {feature} needs a server connection for the whole session, which transaction pooling does not keep"),
+    )
+    .with_hint(format!(
+        "Use session pooling for this tenant: `podrouter tenants set-mode {tenant} session`, or a transaction-scoped alternative (pg_advisory_xact_lock)."
+    ))
+}
 
 fn violation(e: FrameError) -> RouterError {
     RouterError::fatal(
@@ -620,10 +703,48 @@ fn parameter_status(mut body: &[u8]) -> Option<(String, String)> {
 
 /// Pool key for a tenant's current route and a role.
 pub fn pool_key(route: &crate::routing::TenantRoute, role: &str) -> PoolKey {
+    pool_key_at(route, role, &route.pod.primary)
+}
+
+/// Pool key for a tenant and role on one server of its pod (the primary or a replica).
+pub fn pool_key_at(
+    route: &crate::routing::TenantRoute,
+    role: &str,
+    endpoint: &crate::config::PgEndpoint,
+) -> PoolKey {
     PoolKey {
         tenant: route.name.clone(),
         role: role.to_owned(),
         pod: route.pod.name.clone(),
-        endpoint: route.pod.primary.clone(),
+        endpoint: endpoint.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::session_only;
+
+    #[test]
+    fn session_only_statements() {
+        let check =
+            |q: &str, want: Option<&str>| assert_eq!(session_only(q.as_bytes()), want, "{q}");
+        check("LISTEN jobs", Some("LISTEN"));
+        check("  listen jobs;", Some("LISTEN"));
+        check(
+            "select pg_advisory_lock(1)",
+            Some("a session-level advisory lock"),
+        );
+        check(
+            "SELECT pg_try_advisory_lock(42)",
+            Some("a session-level advisory lock"),
+        );
+        check("select pg_advisory_xact_lock(1)", None);
+        check(
+            "DECLARE c CURSOR WITH HOLD FOR select 1",
+            Some("a WITH HOLD cursor"),
+        );
+        check("declare c cursor for select 1", None);
+        check("select 'listen'", None);
+        check("NOTIFY jobs", None);
     }
 }

@@ -1,7 +1,9 @@
-//! The client's side of connection start: SSL/GSS negotiation, the startup packet, and
-//! SCRAM-SHA-256 authentication against the catalog's verifiers. Ends with an authenticated
+//! The client's side of connection start: SSL/GSS negotiation (a TLS handshake when the
+//! router has a certificate), the startup packet, and SCRAM-SHA-256 authentication against
+//! the catalog's verifiers. Ends with an authenticated
 //! client and the tenant it may use, or with a Postgres-like FATAL error.
 
+use super::stream::ClientStream;
 use super::Proxy;
 use crate::protocol::backend::{self, RouterError};
 use crate::protocol::framing::{self, Startup};
@@ -11,7 +13,6 @@ use crate::routing::{RoleAuth, TenantRoute};
 use bytes::{Buf, BytesMut};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Largest message accepted before authentication (SASL messages are small).
 const MAX_AUTH_MESSAGE: usize = 10_000;
@@ -34,6 +35,47 @@ pub struct Authenticated {
     pub server_final: String,
     /// Session parameters the client asked for, to be set on every server connection it uses.
     pub params: Vec<(String, String)>,
+    /// Which server of the tenant's pod the client wants (`podrouter.target`).
+    pub target: Target,
+}
+
+/// The startup setting `podrouter.target` (`options='-c podrouter.target=replica'` in libpq):
+/// the router's own, never sent to a server.
+pub const TARGET_SETTING: &str = "podrouter.target";
+
+/// Which server of its pod a session's server connections go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// Reads and writes: the primary.
+    #[default]
+    Primary,
+    /// Reads only: a replica within `pool.max_replica_lag`, else the primary.
+    Replica,
+}
+
+/// Takes `podrouter.target` out of the session parameters (the last one given wins).
+fn take_target(params: &mut Vec<(String, String)>) -> Result<Target, RouterError> {
+    let mut target = Target::Primary;
+    let mut bad = None;
+    params.retain(|(k, v)| {
+        if !k.eq_ignore_ascii_case(TARGET_SETTING) {
+            return true;
+        }
+        match v.to_ascii_lowercase().as_str() {
+            "primary" => target = Target::Primary,
+            "replica" => target = Target::Replica,
+            _ => bad = Some(v.clone()),
+        }
+        false
+    });
+    match bad {
+        Some(v) => Err(RouterError::fatal(
+            sqlstate::INVALID_PARAMETER_VALUE,
+            format!("podrouter: invalid value for {TARGET_SETTING}: {v:?}"),
+        )
+        .with_hint("Use primary (the default) or replica.")),
+        None => Ok(target),
+    }
 }
 
 /// A failure that ends the connection; `None` means the client just went away.
@@ -58,16 +100,47 @@ fn protocol_violation(what: impl std::fmt::Display) -> RouterError {
     )
 }
 
-/// Reads the startup packet, answering SSLRequest and GSSENCRequest with 'N' first.
-async fn read_startup(stream: &mut TcpStream) -> Result<Startup, Refusal> {
+/// The first byte of a TLS handshake record: a client that starts TLS at once.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Reads the startup packet. SSLRequest is answered 'S' and followed by the TLS handshake
+/// when the router has a certificate, 'N' otherwise; GSSENCRequest always gets 'N'. With
+/// `tls.mode = "require"`, a startup packet over plain TCP is refused; cancel requests are
+/// not (libpq sends them in clear text).
+async fn read_startup(proxy: &Proxy, stream: &mut ClientStream) -> Result<Startup, Refusal> {
     for _ in 0..3 {
         let mut len = [0u8; 4];
         stream.read_exact(&mut len).await?;
+        if len[0] == TLS_HANDSHAKE && !stream.is_tls() {
+            return Err(protocol_violation(
+                "direct TLS connections (sslnegotiation=direct) are not supported; connect with sslnegotiation=postgres",
+            )
+            .into());
+        }
         let body_len = framing::startup_body_len(len).map_err(protocol_violation)?;
         let mut body = vec![0u8; body_len];
         stream.read_exact(&mut body).await?;
         match framing::parse_startup(&body).map_err(protocol_violation)? {
-            Startup::SslRequest | Startup::GssEncRequest => stream.write_all(b"N").await?,
+            Startup::SslRequest if stream.is_tls() => {
+                return Err(protocol_violation("SSLRequest on an encrypted connection").into())
+            }
+            Startup::SslRequest => match &proxy.client_tls.acceptor {
+                Some(acceptor) => {
+                    stream.write_all(b"S").await?;
+                    // read_exact took exactly the SSLRequest, so nothing sent in clear text
+                    // after it can pass for encrypted data (CVE-2021-23214).
+                    stream.accept_tls(acceptor).await?;
+                }
+                None => stream.write_all(b"N").await?,
+            },
+            Startup::GssEncRequest => stream.write_all(b"N").await?,
+            Startup::Startup { .. } if proxy.client_tls.required && !stream.is_tls() => {
+                return Err(RouterError::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    "podrouter: TLS is required; connect with sslmode=require",
+                )
+                .into())
+            }
             other => return Ok(other),
         }
     }
@@ -76,7 +149,7 @@ async fn read_startup(stream: &mut TcpStream) -> Result<Startup, Refusal> {
 
 /// Reads one whole tagged message during authentication.
 async fn read_auth_message(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
 ) -> Result<(u8, BytesMut), Refusal> {
     loop {
@@ -159,10 +232,10 @@ fn parse_options(options: &str, into: &mut Vec<(String, String)>) -> Result<(), 
 /// authentication message.
 pub async fn run(
     proxy: &Proxy,
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
 ) -> Result<Outcome, Refusal> {
-    let params = match read_startup(stream).await? {
+    let params = match read_startup(proxy, stream).await? {
         Startup::Cancel { pid, secret } => {
             if let Some(target) = proxy.cancels.lookup(pid, secret) {
                 super::cancel::send_cancel(target).await;
@@ -202,6 +275,7 @@ pub async fn run(
     if let Some(options) = get("options") {
         parse_options(options, &mut session_params)?;
     }
+    let target = take_target(&mut session_params)?;
     if session_params.len() > 64 {
         return Err(protocol_violation("more than 64 startup parameters").into());
     }
@@ -299,6 +373,7 @@ pub async fn run(
         client_key,
         server_final,
         params: session_params,
+        target,
     }))
 }
 
@@ -325,5 +400,33 @@ mod tests {
         check("", &[]);
         check("-c DateStyle=SQL,\\ DMY", &[("DateStyle", "SQL, DMY")]);
         assert!(parse_options("-x", &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn target_is_taken_out_of_the_settings() {
+        let check = |opts: &str, want: Option<Target>, left: &[&str]| {
+            let mut v = vec![("application_name".to_owned(), "app".to_owned())];
+            parse_options(opts, &mut v).unwrap();
+            let got = take_target(&mut v).ok();
+            let names: Vec<&str> = v.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!((got, names.as_slice()), (want, left), "{opts}");
+        };
+        check("", Some(Target::Primary), &["application_name"]);
+        check(
+            "-c podrouter.target=replica",
+            Some(Target::Replica),
+            &["application_name"],
+        );
+        check(
+            "-c search_path=x -c podrouter.target=Replica -c podrouter.target=primary",
+            Some(Target::Primary),
+            &["application_name", "search_path"],
+        );
+        check(
+            "--podrouter.target=replica",
+            Some(Target::Replica),
+            &["application_name"],
+        );
+        check("-c podrouter.target=standby", None, &["application_name"]);
     }
 }

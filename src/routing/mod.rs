@@ -9,9 +9,10 @@
 //!    old route are retired when idle.
 
 pub mod placement;
+pub mod replica;
 
 use crate::catalog::Snapshot;
-use crate::config::{parse_pg_url, PgEndpoint};
+use crate::config::{parse_pg_url, PgEndpoint, PoolMode};
 use crate::protocol::scram::Verifier;
 use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet};
@@ -24,10 +25,35 @@ pub struct PodRoute {
     pub primary: PgEndpoint,
     /// The admin URL of the primary (may hold a password: never log it unredacted).
     pub admin_url: String,
+    /// The replicas' admin URLs, as listed in the catalog.
     pub replicas: Vec<String>,
+    /// The replicas' hosts and ports, where read-only sessions go ([`replica`]).
+    pub replica_endpoints: Vec<PgEndpoint>,
     pub http: Vec<String>,
     pub weight: f64,
     pub accepting: bool,
+    /// Default pool mode of the pod's tenants.
+    pub pool_mode: Option<PoolMode>,
+}
+
+impl PodRoute {
+    /// Whether `endpoint` is one of this pod's servers (its primary or a replica).
+    pub fn serves(&self, endpoint: &PgEndpoint) -> bool {
+        self.primary == *endpoint || self.replica_endpoints.contains(endpoint)
+    }
+}
+
+/// The replicas' endpoints; one whose URL does not parse is left out with a warning.
+fn replica_endpoints(pod: &str, urls: &[String]) -> Vec<PgEndpoint> {
+    urls.iter()
+        .filter_map(|u| match parse_pg_url(u) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::warn!(pod, "replica skipped: {e}");
+                None
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -37,6 +63,15 @@ pub struct TenantRoute {
     pub route_version: i64,
     pub state: String,
     pub grants: HashSet<String>,
+    /// The tenant's own pool mode, overriding its pod's.
+    pub pool_mode: Option<PoolMode>,
+}
+
+impl TenantRoute {
+    /// The pool mode for this tenant's sessions: its own, else its pod's, else `default`.
+    pub fn pool_mode(&self, default: PoolMode) -> PoolMode {
+        self.pool_mode.or(self.pod.pool_mode).unwrap_or(default)
+    }
 }
 
 #[derive(Debug)]
@@ -68,9 +103,11 @@ impl RoutingTable {
                             primary,
                             admin_url: p.primary_url.clone(),
                             replicas: p.replicas.clone(),
+                            replica_endpoints: replica_endpoints(&p.name, &p.replicas),
                             http: p.http.clone(),
                             weight: p.weight,
                             accepting: p.accepting,
+                            pool_mode: p.pool_mode.as_deref().and_then(|m| m.parse().ok()),
                         }),
                     );
                 }
@@ -95,6 +132,7 @@ impl RoutingTable {
                     route_version: t.route_version,
                     state: t.state.clone(),
                     grants: t.roles.iter().cloned().collect(),
+                    pool_mode: t.pool_mode.as_deref().and_then(|m| m.parse().ok()),
                 }),
             );
         }
@@ -151,6 +189,7 @@ mod tests {
                 http: vec![],
                 weight: 1.0,
                 accepting: true,
+                pool_mode: Some("session".into()),
             }],
             tenants: vec![
                 TenantRow {
@@ -159,6 +198,7 @@ mod tests {
                     route_version: 3,
                     state: "active".into(),
                     roles: vec!["app".into()],
+                    pool_mode: None,
                 },
                 TenantRow {
                     name: "t2".into(),
@@ -166,6 +206,7 @@ mod tests {
                     route_version: 1,
                     state: "creating".into(),
                     roles: vec![],
+                    pool_mode: None,
                 },
                 TenantRow {
                     name: "t3".into(),
@@ -173,6 +214,7 @@ mod tests {
                     route_version: 1,
                     state: "active".into(),
                     roles: vec![],
+                    pool_mode: Some("transaction".into()),
                 },
             ],
             roles: vec![
@@ -190,6 +232,11 @@ mod tests {
         let t1 = t.tenant("t1").unwrap();
         assert_eq!(t1.pod.primary.port, 5433);
         assert_eq!(t1.route_version, 3);
+        assert_eq!(
+            t1.pool_mode(PoolMode::Transaction),
+            PoolMode::Session,
+            "the pod's default applies"
+        );
         assert!(
             t.tenant("t2").is_none(),
             "a tenant being created is not routable"

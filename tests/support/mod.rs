@@ -37,12 +37,70 @@ pub fn tempdir() -> tempfile::TempDir {
 
 /// A started cluster in `dir/name`.
 pub async fn cluster(dir: &Path, name: &str) -> LocalCluster {
+    cluster_with(dir, name, &[]).await
+}
+
+/// A started cluster in `dir/name` with extra `postgres -c` settings.
+pub async fn cluster_with(dir: &Path, name: &str, settings: &[(&str, String)]) -> LocalCluster {
     let b = bins();
     let datadir = dir.join(name);
     LocalCluster::create(&b, &template(), &datadir).expect("create cluster");
-    LocalCluster::start(&b, &datadir, localpg::free_port(), &[])
+    LocalCluster::start(&b, &datadir, localpg::free_port(), settings)
         .await
         .expect("start cluster")
+}
+
+/// A streaming standby of `primary` cloned with pg_basebackup into `dir/name` (its
+/// application_name is `name`), started on `port` (a free one when None).
+pub async fn standby(
+    dir: &Path,
+    primary: &LocalCluster,
+    name: &str,
+    port: Option<u16>,
+    settings: &[(&str, String)],
+) -> LocalCluster {
+    let b = bins();
+    let datadir = dir.join(name);
+    localpg::clone_standby(&b, primary.port(), &datadir, name).expect("pg_basebackup");
+    LocalCluster::start(
+        &b,
+        &datadir,
+        port.unwrap_or_else(localpg::free_port),
+        settings,
+    )
+    .await
+    .expect("start standby")
+}
+
+/// Makes the standby with application_name `name` the synchronous standby of `primary`.
+pub async fn make_synchronous(primary: &LocalCluster, name: &str) {
+    let c = pod_admin(primary, "postgres").await;
+    // Two queries: ALTER SYSTEM cannot run in the implicit transaction of a multi-statement one.
+    c.batch_execute(&format!(
+        "ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 ({name})'"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+}
+
+/// Polls `check` every 100 ms until it returns Some, for up to `within`; panics naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 pub struct Options {
@@ -50,6 +108,17 @@ pub struct Options {
     pub mode: PoolMode,
     pub pool_size: u32,
     pub checkout_timeout: &'static str,
+    /// More lines for the `[pool]` section, e.g. "max_pod_connections = 2\n".
+    pub pool_extra: &'static str,
+    /// Appended to the config file after the pods, e.g. a `[tls]` section.
+    pub config_extra: String,
+    /// `postgres -c` settings for every pod, e.g. `("ssl", "on".into())`.
+    pub pod_settings: Vec<(&'static str, String)>,
+    /// Streaming replicas (with `pod_settings` too) of every pod but pod0, which holds the
+    /// catalog, so a test may kill the others; listed in the config as `replicas`.
+    pub replicas: usize,
+    /// With replicas: the first one of each pod is its synchronous standby.
+    pub synchronous: bool,
 }
 
 impl Default for Options {
@@ -59,12 +128,19 @@ impl Default for Options {
             mode: PoolMode::Transaction,
             pool_size: 5,
             checkout_timeout: "5s",
+            pool_extra: "",
+            config_extra: String::new(),
+            pod_settings: Vec::new(),
+            replicas: 0,
+            synchronous: false,
         }
     }
 }
 
 pub struct TestFleet {
     pub pods: Vec<LocalCluster>,
+    /// Each pod's replicas (`Options::replicas`), by pod index.
+    pub replicas: Vec<Vec<LocalCluster>>,
     pub running: Option<Running>,
     pub config_path: PathBuf,
     pub token: String,
@@ -80,8 +156,19 @@ impl TestFleet {
             .try_init();
         let dir = tempdir();
         let mut pods = Vec::new();
+        let mut replicas = Vec::new();
         for i in 0..opts.pods {
-            pods.push(cluster(dir.path(), &format!("pod{i}")).await);
+            let pod = cluster_with(dir.path(), &format!("pod{i}"), &opts.pod_settings).await;
+            let mut mine = Vec::new();
+            for j in 0..if i == 0 { 0 } else { opts.replicas } {
+                let name = format!("pod{i}_replica{j}");
+                mine.push(standby(dir.path(), &pod, &name, None, &opts.pod_settings).await);
+                if j == 0 && opts.synchronous {
+                    make_synchronous(&pod, &name).await;
+                }
+            }
+            pods.push(pod);
+            replicas.push(mine);
         }
         // The catalog lives in its own database on the first pod's cluster.
         let c = tokio_postgres::connect(&format!("{}/postgres", pods[0].url()), NoTls)
@@ -101,12 +188,18 @@ impl TestFleet {
             opts.pool_size,
             opts.checkout_timeout,
         );
+        toml.push_str(opts.pool_extra);
         for (i, p) in pods.iter().enumerate() {
             toml.push_str(&format!(
                 "\n[[pod]]\nname = \"pod{i}\"\nprimary = \"{}\"\n",
                 p.url()
             ));
+            if !replicas[i].is_empty() {
+                let urls: Vec<String> = replicas[i].iter().map(|r| r.url()).collect();
+                toml.push_str(&format!("replicas = {urls:?}\n"));
+            }
         }
+        toml.push_str(&opts.config_extra);
         let config_path = dir.path().join("pods.toml");
         std::fs::write(&config_path, toml).unwrap();
         let config = Config::load(&config_path).expect("valid test config");
@@ -121,6 +214,7 @@ impl TestFleet {
             .unwrap();
         TestFleet {
             pods,
+            replicas,
             running: Some(running),
             config_path,
             token,

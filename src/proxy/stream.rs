@@ -1,0 +1,218 @@
+//! The byte streams of the proxy: a client's socket and a server connection's socket, each
+//! either plain TCP or TLS over TCP, and their read and write halves for the relay.
+//!
+//! Plain TCP is the hot path and costs nothing extra: its halves are `TcpStream::split`'s,
+//! behind one `match`, with no allocation and no trait object. A TLS stream sits in a
+//! mutex so that both halves can reach it from `&self` (the relay polls a read and a write
+//! in one `select!`, from one task, so the lock is never contended and never held across an
+//! `.await`); splitting it allocates nothing either.
+//!
+//! rustls buffers what it encrypts: its `poll_write` may accept bytes that are not on the
+//! socket yet when the socket is full, and only a later write or flush sends them. The relay
+//! never flushes, so a TLS stream here flushes after every write, and, when that could not
+//! finish, before every read, which the relay polls whenever it waits. Bytes accepted by a
+//! write therefore always reach the peer without an explicit flush.
+
+use parking_lot::Mutex;
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::tcp;
+use tokio::net::TcpStream;
+
+/// A socket that may have been upgraded to TLS. `T` is the TLS stream type of the side.
+pub enum MaybeTls<T> {
+    Plain(TcpStream),
+    Tls(Box<Mutex<T>>),
+}
+
+/// A client's connection: plain, or TLS after an SSLRequest.
+pub type ClientStream = MaybeTls<tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// A connection to a pod: plain, or TLS per `tls.pod_tls`.
+pub type ServerStream = MaybeTls<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// The read half of a [`MaybeTls`] for the relay.
+pub enum ReadHalf<'a, T> {
+    Plain(tcp::ReadHalf<'a>),
+    Tls(&'a Mutex<T>),
+}
+
+/// The write half of a [`MaybeTls`] for the relay.
+pub enum WriteHalf<'a, T> {
+    Plain(tcp::WriteHalf<'a>),
+    Tls(&'a Mutex<T>),
+}
+
+impl<T> MaybeTls<T> {
+    pub fn tls(stream: T) -> Self {
+        MaybeTls::Tls(Box::new(Mutex::new(stream)))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, MaybeTls::Tls(_))
+    }
+
+    /// Read and write halves that can be polled at the same time.
+    pub fn split(&mut self) -> (ReadHalf<'_, T>, WriteHalf<'_, T>) {
+        match self {
+            MaybeTls::Plain(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Plain(r), WriteHalf::Plain(w))
+            }
+            MaybeTls::Tls(s) => (ReadHalf::Tls(s), WriteHalf::Tls(s)),
+        }
+    }
+}
+
+impl ClientStream {
+    /// Runs the server side of a TLS handshake on a plain stream, which then becomes the
+    /// TLS stream.
+    pub async fn accept_tls(&mut self, acceptor: &tokio_rustls::TlsAcceptor) -> io::Result<()> {
+        let MaybeTls::Plain(tcp) = self else {
+            return Err(io::Error::other("the connection is encrypted already"));
+        };
+        // The handshake takes the socket by value, but `self` must stay a stream meanwhile:
+        // the caller's authentication timeout may drop this future and then still write to
+        // `self`. So `self` holds a duplicate descriptor of the same connection until the
+        // handshake is done; a once-per-connection dup(2), off the relay's path.
+        let dup = std::net::TcpStream::from(tcp.as_fd().try_clone_to_owned()?);
+        let tcp = std::mem::replace(tcp, TcpStream::from_std(dup)?);
+        let tls = acceptor.accept(tcp).await?;
+        *self = MaybeTls::tls(tls);
+        Ok(())
+    }
+}
+
+impl ServerStream {
+    /// Whether an idle connection still looks alive: no EOF and no unsolicited bytes (a
+    /// server shutting down sends a FATAL before closing). Cheap: one non-blocking read, or
+    /// for TLS a peek at the socket under it, so no TLS record is consumed.
+    pub fn looks_alive(&self) -> bool {
+        let mut probe = [0u8; 1];
+        match self {
+            MaybeTls::Plain(s) => {
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            MaybeTls::Tls(s) => {
+                let s = s.lock();
+                let mut buf = ReadBuf::new(&mut probe);
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                s.get_ref().0.poll_peek(&mut cx, &mut buf).is_pending()
+            }
+        }
+    }
+}
+
+// === TLS plumbing shared by whole streams and halves ===
+
+/// Sends what rustls still holds from earlier writes; `Pending` leaves it for later.
+fn flush_pending<T: AsyncWrite + Unpin>(s: &mut T, cx: &mut Context<'_>) -> io::Result<()> {
+    match Pin::new(s).poll_flush(cx) {
+        Poll::Ready(r) => r,
+        Poll::Pending => Ok(()),
+    }
+}
+
+fn tls_read<T: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut T,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    flush_pending(s, cx)?;
+    Pin::new(s).poll_read(cx, buf)
+}
+
+fn tls_write<T: AsyncWrite + Unpin>(
+    s: &mut T,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    let n = std::task::ready!(Pin::new(&mut *s).poll_write(cx, buf))?;
+    flush_pending(s, cx)?;
+    Poll::Ready(Ok(n))
+}
+
+// === impl AsyncRead/AsyncWrite ===
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => tls_read(s.get_mut(), cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => tls_write(s.get_mut(), cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(s.get_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            MaybeTls::Tls(s) => Pin::new(s.get_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadHalf<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Tls(s) => tls_read(&mut *s.lock(), cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WriteHalf<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Tls(s) => tls_write(&mut *s.lock(), cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Tls(s) => Pin::new(&mut *s.lock()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Tls(s) => Pin::new(&mut *s.lock()).poll_shutdown(cx),
+        }
+    }
+}

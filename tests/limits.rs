@@ -1,0 +1,176 @@
+//! Pool limits and modes: the per-pod cap on server connections, the per-tenant cap on
+//! clients, pool mode per tenant, session-only features in transaction mode, and idle server
+//! connections that died in the pool.
+
+mod support;
+
+use podrouter::config::PoolMode;
+use std::time::{Duration, Instant};
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_never_gets_more_than_its_connection_cap() {
+    let f = TestFleet::start(Options {
+        pods: 1,
+        mode: PoolMode::Session,
+        pool_size: 5,
+        checkout_timeout: "700ms",
+        pool_extra: "max_pod_connections = 2\n",
+        ..Default::default()
+    })
+    .await;
+    f.tenant("alpha", 0).await;
+    f.tenant("beta", 0).await;
+    let a1 = f.connect("alpha").await;
+    let a2 = f.connect("alpha").await;
+    // The pod is full with alpha's two sessions: beta waits, then gets a clear 53300.
+    let started = Instant::now();
+    let e = connect(&f.app_url("beta")).await.unwrap_err();
+    assert_eq!(code(&e), "53300");
+    assert!(
+        message(&e).contains("limit of 2 server connections"),
+        "{}",
+        message(&e)
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // When alpha's sessions end, their connections idle in alpha's pool; beta takes their
+    // pod slots by closing them.
+    drop((a1, a2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = f.connect("beta").await;
+    b.simple_query("select 1").await.unwrap();
+    let admin = pod_admin(&f.pods[0], "postgres").await;
+    let n: i64 = admin
+        .query_one(
+            "select count(*) from pg_stat_activity where usename = $1",
+            &[&ROLE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n <= 2, "the pod holds {n} server connections, cap is 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_take_every_client_slot() {
+    let f = TestFleet::start(Options {
+        pods: 1,
+        pool_extra: "max_clients_per_tenant = 2\n",
+        ..Default::default()
+    })
+    .await;
+    f.tenant("noisy", 0).await;
+    f.tenant("quiet", 0).await;
+    let _c1 = f.connect("noisy").await;
+    let _c2 = f.connect("noisy").await;
+    let e = connect(&f.app_url("noisy")).await.unwrap_err();
+    assert_eq!(code(&e), "53300");
+    assert!(
+        message(&e).contains("too many connections for tenant \"noisy\""),
+        "{}",
+        message(&e)
+    );
+    // Other tenants are unaffected, and the slot frees when a client leaves.
+    f.connect("quiet")
+        .await
+        .simple_query("select 1")
+        .await
+        .unwrap();
+    drop(_c1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    f.connect("noisy")
+        .await
+        .simple_query("select 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_only_features_need_session_mode_per_tenant() {
+    let f = TestFleet::start(Options {
+        pods: 1,
+        mode: PoolMode::Transaction,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("jobs", 0).await;
+    let c = f.connect("jobs").await;
+    for q in [
+        "LISTEN events",
+        "select pg_advisory_lock(7)",
+        "declare c cursor with hold for select 1",
+    ] {
+        let e = c.simple_query(q).await.unwrap_err();
+        assert_eq!(code(&e), "0A000", "{q}");
+        assert!(
+            message(&e).contains("transaction pooling"),
+            "{q}: {}",
+            message(&e)
+        );
+    }
+    // The connection stays usable, and the transaction-scoped lock works.
+    c.simple_query("select pg_advisory_xact_lock(7)")
+        .await
+        .unwrap();
+    // Switch the tenant to session mode: new sessions may LISTEN.
+    let t = f
+        .fleet()
+        .set_tenant_pool_mode("jobs", Some(PoolMode::Session), "test")
+        .await
+        .unwrap();
+    assert_eq!(t.pool_mode.as_deref(), Some("session"));
+    let s = f.connect("jobs").await;
+    s.simple_query("LISTEN events").await.unwrap();
+    s.simple_query("select pg_advisory_lock(7)").await.unwrap();
+    // Back to the default.
+    let t = f
+        .fleet()
+        .set_tenant_pool_mode("jobs", None, "test")
+        .await
+        .unwrap();
+    assert_eq!(t.pool_mode, None);
+    assert_eq!(
+        code(
+            &f.connect("jobs")
+                .await
+                .simple_query("LISTEN x")
+                .await
+                .unwrap_err()
+        ),
+        "0A000"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_idle_server_connections_are_replaced_transparently() {
+    let f = TestFleet::start(Options {
+        pods: 1,
+        mode: PoolMode::Transaction,
+        pool_size: 1,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("acme", 0).await;
+    let c = f.connect("acme").await;
+    let first: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The pod ends the idle server connection behind the router's back.
+    let admin = pod_admin(&f.pods[0], "postgres").await;
+    admin
+        .execute("select pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        first, second,
+        "a new server connection serves the client, without an error"
+    );
+}
