@@ -59,13 +59,19 @@ async def read_msg(reader):
     return kind, body
 
 
+NEXT = [0]  # round robin over --database's tenants
+
+
 SALTED = {}  # (salt, iterations) -> SaltedPassword: one PBKDF2 per run, not per connection
 
 
 async def connect(args, src):
     reader, writer = await asyncio.open_connection(args.host, args.port, local_addr=(src, 0))
     try:
-        params = b"user\0" + args.user.encode() + b"\0database\0" + args.database.encode() + b"\0"
+        dbs = args.database.split(",")
+        db = dbs[NEXT[0] % len(dbs)]
+        NEXT[0] += 1
+        params = b"user\0" + args.user.encode() + b"\0database\0" + db.encode() + b"\0"
         params += b"application_name\0idle_clients\0\0"
         writer.write(struct.pack("!II", 8 + len(params), 196608) + params)
         await writer.drain()
@@ -158,7 +164,8 @@ async def main(args):
     result["open"] = proc_status(args.pid)
     log("with %d idle clients: VmRSS %d KiB" % (len(conns), result["open"]["VmRSS"]))
     if args.pod_url:
-        q = "select count(*) from pg_stat_activity where datname = '%s' and usename = '%s'" % (args.database, args.user)
+        names = ",".join("'%s'" % d for d in args.database.split(","))
+        q = "select count(*) from pg_stat_activity where datname in (%s) and usename = '%s'" % (names, args.user)
         out = subprocess.run(["psql", "-XAtq", args.pod_url, "-c", q], capture_output=True, text=True, timeout=30)
         result["server_conns_on_pod"] = int(out.stdout.strip()) if out.returncode == 0 else out.stderr.strip()
     if args.probe_url:
@@ -192,7 +199,7 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--user", default="demo")
     p.add_argument("--password", default="demo")
-    p.add_argument("--database", default="tenant1")
+    p.add_argument("--database", default="tenant1", help="tenant, or a comma-separated list the clients are spread over")
     p.add_argument("--pid", type=int, required=True, help="process whose RSS is sampled")
     p.add_argument("-n", type=int, default=10000)
     p.add_argument("--sources", type=int, default=49, help="loopback source addresses to use")

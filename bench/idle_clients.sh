@@ -32,7 +32,9 @@ log "$GIT_REV"
 nofile=$(raise_nofile 30000)
 ((nofile >= N + 200)) || die "open-files limit is $nofile (hard limit $(ulimit -Hn)); N=$N needs at least $((N + 200))"
 
-start_demo 20
+# Clients spread over 4 tenants, as in a fleet (one tenant alone stops at
+# pool.max_clients_per_tenant, 5000 by default).
+DEMO_TENANTS=4 start_demo 20
 # One query first, so the baseline includes the tenant's pool and one server connection.
 psql -XAtq "$ROUTER_URL" -c 'select count(*) from accounts' >/dev/null
 sleep 1
@@ -42,7 +44,7 @@ out=$BENCH_WORK/idle.json
 timeout --foreground --kill-after=10 "$TIMEOUT" python3 bench/idle_clients.py \
     --port "$ROUTER_PORT" --pid "$DEMO_PID" -n "$N" --sources "$SOURCES" \
     --concurrency "$CONCURRENCY" --hold "$HOLD" --open-timeout "$((TIMEOUT / 2))" \
-    --pod-url "$POD_SUPER_URL" --probe-url "$ROUTER_URL" >"$out" || {
+    --pod-url "$POD_SUPER_URL" --probe-url "$ROUTER_URL" --database tenant1,tenant2,tenant3,tenant4 >"$out" || {
     rc=$?
     ((rc == 130 || rc == 143)) && exit "$rc"
     ((rc == 124 || rc == 137)) && die "the idle-client phase did not finish within TIMEOUT=$TIMEOUT s"
@@ -73,7 +75,7 @@ print()
 per_k = (mb(max(o, h) - b) / n * 1000) if n else float("nan")
 print("- Added RSS for %d idle clients: %.1f MB, %.2f MB per 1000 connections (%.1f KiB each)."
       % (n, mb(max(o, h) - b), per_k, (max(o, h) - b) / n if n else float("nan")))
-print("- Server connections on the pod for tenant1/demo while the clients were idle: %s" % r.get("server_conns_on_pod"))
+print("- Server connections on the pod for the 4 tenants (role demo) while the clients were idle: %s" % r.get("server_conns_on_pod"))
 print("- A new client's `select 1` through the router while they were idle: %s in %s ms"
       % ("ok" if r.get("probe_ok") else "FAILED " + r.get("probe_error", ""), r.get("probe_query_ms")))
 print("- Connections the router closed during the %s: %d; handshake errors: %s"
