@@ -180,6 +180,23 @@ async fn clients_and_pods_speak_tls() {
         backend_ssl(&c).await,
         "the router's connection to the pod must use TLS"
     );
+    // Megabytes both ways through both TLS legs, far more than the relay's chunks and the
+    // sockets' buffers (stream.rs has the test that pins down flushing on a full socket).
+    let big = "y".repeat(4 << 20);
+    c.execute("create table big (v text)", &[]).await.unwrap();
+    c.execute("insert into big values ($1)", &[&big])
+        .await
+        .unwrap();
+    let back: String = c.query_one("select v from big", &[]).await.unwrap().get(0);
+    assert!(back == big, "4 MiB came back with {} bytes", back.len());
+    let rows = c
+        .query(
+            "select repeat('x', 1000) from generate_series(1, 5000)",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 5000);
     let on_pod = role_backends_ssl(&f.pods[0]).await;
     assert!(
         !on_pod.is_empty() && on_pod.iter().all(|s| *s),

@@ -216,3 +216,80 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WriteHalf<'_, T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::{PrivateKeyDer, ServerName};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+
+    /// The relay stops writing once a write has been accepted and then only waits on reads.
+    /// rustls may still hold encrypted bytes of accepted writes when the socket was full;
+    /// those must reach the peer anyway. Here the peer reads nothing until the router's
+    /// socket and rustls' buffer are full, so bytes are certainly held back.
+    #[tokio::test]
+    async fn tls_bytes_accepted_by_writes_reach_the_peer_while_only_reads_are_polled() {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![made.cert.der().clone()], key)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(made.cert.der().clone()).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap()
+        });
+        let mut stream = ClientStream::Plain(listener.accept().await.unwrap().0);
+        stream
+            .accept_tls(&tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+            .await
+            .unwrap();
+        assert!(stream.is_tls());
+        let mut peer = peer.await.unwrap();
+
+        let (mut r, mut w) = stream.split();
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        while let Ok(written) =
+            tokio::time::timeout(Duration::from_millis(200), w.write(&chunk)).await
+        {
+            sent += written.unwrap();
+        }
+        let receive_all = async {
+            let mut got = 0;
+            let mut buf = vec![0u8; 64 * 1024];
+            while got < sent {
+                let n = peer.read(&mut buf).await.unwrap();
+                assert!(n > 0, "EOF after {got} of {sent} bytes");
+                got += n;
+            }
+            got
+        };
+        let mut one = [0u8; 1];
+        tokio::select! {
+            got = tokio::time::timeout(Duration::from_secs(20), receive_all) => {
+                assert_eq!(got.expect("every accepted byte reaches the peer"), sent);
+            }
+            _ = r.read(&mut one) => panic!("the peer sent nothing"),
+        }
+    }
+}
