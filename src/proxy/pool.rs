@@ -4,8 +4,8 @@
 //! A pool's [`Capacity`] bounds the connections checked out; an idle stack (LIFO, so warm
 //! connections are reused first) holds the rest. New connections are made only when no idle
 //! one is left, so idle + checked out never exceeds the pool size. Every server connection
-//! also holds a slot of its pod's capacity for its whole life; when a pod is full, idle
-//! connections of other pools on it are closed to make room.
+//! also holds a slot of its server's capacity (per pod primary or replica) for its whole
+//! life; when a server is full, idle connections of other pools on it are closed to make room.
 
 use super::server::{Credentials, ServerConn, ServerError};
 use super::tls::PodTls;
@@ -314,7 +314,9 @@ impl Pool {
 #[derive(Default)]
 pub struct Pools {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
-    pods: Mutex<HashMap<String, Arc<PodSlots>>>,
+    /// Keyed by (pod, endpoint): a pod's primary and each replica are separate servers with
+    /// their own max_connections, so each gets the pod's limit.
+    pods: Mutex<HashMap<(String, PgEndpoint), Arc<PodSlots>>>,
     /// How new server connections negotiate TLS (`tls.pod_tls`, restart-only).
     pod_tls: PodTls,
 }
@@ -341,7 +343,7 @@ impl Pools {
         let pod = self
             .pods
             .lock()
-            .entry(key.pod.clone())
+            .entry((key.pod.clone(), key.endpoint.clone()))
             .or_insert_with(|| {
                 Arc::new(PodSlots {
                     capacity: Capacity::new(pod_limit),
@@ -377,7 +379,7 @@ impl Pools {
                 p.resize(size);
             }
         }
-        for (name, slots) in self.pods.lock().iter() {
+        for ((name, _), slots) in self.pods.lock().iter() {
             let limit = pod_limit(name);
             if slots.capacity.size() != limit {
                 slots.capacity.resize(limit);
@@ -401,7 +403,10 @@ impl Pools {
         self.pools.lock().values().cloned().collect()
     }
 
-    pub fn pod_slots(&self, pod: &str) -> Option<Arc<PodSlots>> {
-        self.pods.lock().get(pod).cloned()
+    pub fn pod_slots(&self, pod: &str, endpoint: &PgEndpoint) -> Option<Arc<PodSlots>> {
+        self.pods
+            .lock()
+            .get(&(pod.to_owned(), endpoint.clone()))
+            .cloned()
     }
 }

@@ -313,6 +313,7 @@ impl<'a> Session<'a> {
             // little for the replies rather than throw the connection away.
             let settled = tokio::time::timeout(DRAIN_ON_EXIT, self.drain(&mut co)).await;
             if !matches!(settled, Ok(Ok(()))) || !self.server_clean() {
+                tracing::trace!(client = self.client_id, ?settled, replies = ?self.replies, status = %(self.status as char), "server closed: not idle when the client left");
                 if !self.replies.is_empty() {
                     send_cancel(BackendTarget {
                         addr: co.conn.addr,
@@ -332,6 +333,7 @@ impl<'a> Session<'a> {
                 .await
                 .is_err()
             {
+                tracing::trace!(client = self.client_id, "server closed: reset query failed");
                 return;
             }
             co.conn.synced_for = None;
@@ -433,7 +435,6 @@ impl<'a> Session<'a> {
     /// ParameterStatus on the way. Returns true at a point where the server may be released
     /// (transaction mode).
     fn scan_server(&mut self, co: &mut Checkout) -> Result<bool, FrameError> {
-        let transaction = self.mode() == PoolMode::Transaction;
         loop {
             if self.sscan.remaining > 0 {
                 let n = self.sscan.remaining.min(self.sin.len());
@@ -449,19 +450,18 @@ impl<'a> Session<'a> {
             let Some(h) = framing::peek_header(&self.sin)? else {
                 return Ok(false);
             };
-            if transaction {
-                let whole = self.replies.needs_whole(h.tag) || matches!(h.tag, b'Z' | b'S');
-                if whole && self.sin.len() < h.wire_len {
-                    return Ok(false);
-                }
-                if !self
-                    .replies
-                    .on_server(h.tag, &mut co.conn.prepared, &self.pool.known)
-                {
-                    // The reply to a message the router injected.
-                    let _ = self.sin.split_to(h.wire_len);
-                    continue;
-                }
+            // Both modes track replies (session mode to know when the server is idle).
+            let whole = self.replies.needs_whole(h.tag) || matches!(h.tag, b'Z' | b'S');
+            if whole && self.sin.len() < h.wire_len {
+                return Ok(false);
+            }
+            if !self
+                .replies
+                .on_server(h.tag, &mut co.conn.prepared, &self.pool.known)
+            {
+                // The reply to a message the router injected.
+                let _ = self.sin.split_to(h.wire_len);
+                continue;
             }
             match h.tag {
                 b'Z' | b'S' => {
