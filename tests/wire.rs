@@ -507,10 +507,13 @@ async fn extended_protocol_and_errors_in_a_pipeline() {
     c.batch_execute("create table kv (k int primary key, v text)")
         .await
         .unwrap();
+    // Prepared first, so the three requests are sent in this order in one pipeline.
+    let ins = c.prepare("insert into kv values ($1, $2)").await.unwrap();
+    let sel = c.prepare("select v from kv where k = $1").await.unwrap();
     let (r1, r2, r3) = tokio::join!(
-        c.execute("insert into kv values ($1, $2)", &[&1i32, &"one"]),
-        c.execute("insert into kv values ($1, $2)", &[&1i32, &"dup"]),
-        c.query("select v from kv where k = $1", &[&1i32]),
+        c.execute(&ins, &[&1i32, &"one"]),
+        c.execute(&ins, &[&1i32, &"dup"]),
+        c.query(&sel, &[&1i32]),
     );
     assert_eq!(r1.unwrap(), 1);
     assert_eq!(code(&r2.unwrap_err()), "23505");

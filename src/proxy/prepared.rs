@@ -563,8 +563,20 @@ pub fn track(h: Header, replies: &mut Replies) {
 
 /// DISCARD ALL / DEALLOCATE drop server statements behind the router's back.
 fn may_drop_statements(query: &[u8]) -> bool {
-    let q = String::from_utf8_lossy(query).to_ascii_lowercase();
-    q.contains("discard") || q.contains("deallocate")
+    contains_ci(query, b"discard") || contains_ci(query, b"deallocate")
+}
+
+/// Whether `hay` contains `needle` (lowercase ASCII), ignoring ASCII case. No allocation:
+/// this runs on query text in the hot path.
+pub(crate) fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
+    let Some(&first) = needle.first() else {
+        return true;
+    };
+    hay.len() >= needle.len()
+        && (0..=hay.len() - needle.len()).any(|i| {
+            hay[i].to_ascii_lowercase() == first
+                && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
+        })
 }
 
 #[cfg(test)]

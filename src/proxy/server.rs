@@ -75,9 +75,9 @@ pub struct ServerConn {
     pub initial_params: Vec<(String, String)>,
     pub created: Instant,
     pub last_used: Instant,
-    /// Generation of the client parameters this connection was last synced to, with the
-    /// client's id, so a client that gets the same connection back skips the comparison.
-    pub synced_for: Option<(u64, u64)>,
+    /// Signature of the client parameter set this connection's session parameters match
+    /// ([`params_signature`]); a client with the same set skips the comparison.
+    pub synced_for: Option<u64>,
     /// Named statements prepared on this connection by the transaction-mode rewriter.
     pub prepared: super::prepared::ServerStatements,
     /// This connection's slot of its pod's connection cap, freed when it closes.
@@ -350,6 +350,14 @@ impl ServerConn {
     pub fn looks_alive(&self) -> bool {
         self.stream.looks_alive()
     }
+}
+
+/// A stable signature of a parameter set (order-sensitive, as clients send it).
+pub fn params_signature(params: &[(String, String)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    params.hash(&mut h);
+    h.finish()
 }
 
 /// A parameter's value by name; GUC names are case-insensitive.

@@ -59,7 +59,8 @@ pub struct Session<'a> {
     auth: Authenticated,
     slot: Arc<CancelSlot>,
     client_id: u64,
-    params_gen: u64,
+    /// Signature of `auth.params`, kept current as the client's parameters change.
+    params_sig: u64,
     pool: Arc<Pool>,
     route: Arc<crate::routing::TenantRoute>,
     /// Bytes read from the client, not yet scanned.
@@ -92,6 +93,7 @@ impl<'a> Session<'a> {
         let route = auth.tenant.clone();
         // Fixed for the session's life: the tenant's own mode, else its pod's, else the config's.
         let mode = route.pool_mode(proxy.settings().mode);
+        let params_sig = super::server::params_signature(&auth.params);
         Session {
             mode,
             proxy,
@@ -99,7 +101,7 @@ impl<'a> Session<'a> {
             auth,
             slot,
             client_id,
-            params_gen: 0,
+            params_sig,
             pool,
             route,
             cin: leftover,
@@ -183,7 +185,7 @@ impl<'a> Session<'a> {
                 super::server::client_error(&self.route.name, &e)
             }
         })?;
-        if co.conn.synced_for != Some((self.client_id, self.params_gen)) {
+        if co.conn.synced_for != Some(self.params_sig) {
             if let Err(e) = co
                 .conn
                 .sync_params(&self.auth.params, settings.limits.connect_timeout)
@@ -200,7 +202,7 @@ impl<'a> Session<'a> {
                     other => super::server::client_error(&self.route.name, &other),
                 });
             }
-            co.conn.synced_for = Some((self.client_id, self.params_gen));
+            co.conn.synced_for = Some(self.params_sig);
         }
         tracing::trace!(
             client = self.client_id,
@@ -473,6 +475,8 @@ impl<'a> Session<'a> {
                         self.status = body.first().copied().unwrap_or(b'I');
                     } else if let Some((name, value)) = parameter_status(body) {
                         co.conn.set_param(&name, &value);
+                        // Changed behind the sync's back: compare fully at the next checkout.
+                        co.conn.synced_for = None;
                         self.remember_param(&name, &value);
                     }
                     forward(&mut self.sin, &mut self.sout, h.wire_len);
@@ -512,7 +516,7 @@ impl<'a> Session<'a> {
             Some(slot) => slot.1 = value.to_owned(),
             None => self.auth.params.push((name.to_owned(), value.to_owned())),
         }
-        self.params_gen += 1;
+        self.params_sig = super::server::params_signature(&self.auth.params);
     }
 
     /// Relays with a server attached until one of the [`Attached`] outcomes.
@@ -639,16 +643,26 @@ const TRACKED: &[&str] = &[
 /// pooling cannot give: they are refused with a clear error rather than silently breaking
 /// (a LISTEN that never hears, a lock held by whoever gets the connection next).
 fn session_only(query: &[u8]) -> Option<&'static str> {
-    let q = String::from_utf8_lossy(query).to_ascii_lowercase();
-    let q = q.trim_start();
-    if q.starts_with("listen ") || q.starts_with("listen\t") {
+    use super::prepared::contains_ci;
+    let start = query
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(query.len());
+    let q = &query[start..];
+    let starts = |word: &[u8]| {
+        q.len() > word.len()
+            && q[..word.len()].eq_ignore_ascii_case(word)
+            && q[word.len()].is_ascii_whitespace()
+    };
+    if starts(b"listen") {
         Some("LISTEN")
-    } else if q.contains("pg_advisory_lock(")
-        || q.contains("pg_try_advisory_lock(")
-        || q.contains("pg_advisory_lock_shared(")
+    } else if contains_ci(q, b"advisory_lock")
+        && (contains_ci(q, b"pg_advisory_lock(")
+            || contains_ci(q, b"pg_try_advisory_lock(")
+            || contains_ci(q, b"pg_advisory_lock_shared("))
     {
         Some("a session-level advisory lock")
-    } else if q.starts_with("declare ") && q.contains(" with hold") {
+    } else if starts(b"declare") && contains_ci(q, b" with hold") {
         Some("a WITH HOLD cursor")
     } else {
         None
@@ -746,5 +760,7 @@ mod tests {
         check("declare c cursor for select 1", None);
         check("select 'listen'", None);
         check("NOTIFY jobs", None);
+        check("LISTEN\tjobs", Some("LISTEN"));
+        check("listener_count()", None);
     }
 }
