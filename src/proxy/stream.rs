@@ -91,18 +91,19 @@ impl ServerStream {
     /// server shutting down sends a FATAL before closing). Cheap: one non-blocking read, or
     /// for TLS a peek at the socket under it, so no TLS record is consumed.
     pub fn looks_alive(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // A real non-blocking peek at the socket: tokio's cached readiness may not have seen
+        // the pod's FIN yet, and a peek consumes nothing (not even TLS records).
+        let fd = match self {
+            MaybeTls::Plain(s) => s.as_raw_fd(),
+            MaybeTls::Tls(s) => s.lock().get_ref().0.as_raw_fd(),
+        };
         let mut probe = [0u8; 1];
-        match self {
-            MaybeTls::Plain(s) => {
-                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-            MaybeTls::Tls(s) => {
-                let s = s.lock();
-                let mut buf = ReadBuf::new(&mut probe);
-                let mut cx = Context::from_waker(std::task::Waker::noop());
-                s.get_ref().0.poll_peek(&mut cx, &mut buf).is_pending()
-            }
-        }
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        matches!(
+            nix::sys::socket::recv(fd, &mut probe, flags),
+            Err(nix::errno::Errno::EAGAIN)
+        )
     }
 }
 
