@@ -115,6 +115,64 @@ impl Serialize for Dur {
     }
 }
 
+/// An amount of bytes written as `512kB`, `1MB`, `1GB` (units of 1024, as in Postgres) or a
+/// plain integer of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let bad = || format!("{s:?} is not a size: write e.g. \"512kB\", \"1MB\" or a number of bytes");
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "kB" => 1 << 10,
+            "MB" => 1 << 20,
+            "GB" => 1 << 30,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(scale).map(ByteSize).ok_or_else(bad)
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        match [("GB", 1u64 << 30), ("MB", 1 << 20), ("kB", 1 << 10)]
+            .into_iter()
+            .find(|(_, size)| b >= *size && b % size == 0)
+        {
+            Some((name, size)) => write!(f, "{}{name}", b / size),
+            None => write!(f, "{b}B"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(b) => Ok(ByteSize(b)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 /// How far behind its primary a replica may be and still serve read-only sessions: a time
 /// (`"10s"`, `"500ms"`) or an amount of WAL (`"16MB"`, `"512kB"`, `"1GB"`, units of 1024 as
 /// in Postgres, or a plain integer of bytes).
@@ -198,11 +256,76 @@ pub struct Config {
     pub pool: PoolConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Abuse limits on the listeners: per source address, per tenant, timeouts, body caps.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// SQL over HTTP and the tenant reverse proxy (`router.http_listen`).
+    #[serde(default)]
+    pub http: HttpConfig,
     #[serde(default, rename = "pod")]
     pub pods: Vec<PodConfig>,
     /// TLS with clients and pods; none without a `[tls]` section. Restart-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    /// Live moves: pause deadline, catch-up bounds, what happens to the source database.
+    #[serde(default)]
+    pub moves: MoveConfig,
+    /// Prometheus series and the pod sampler.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Split recommendations and, in `apply` mode, splits the autopilot runs itself.
+    #[serde(default)]
+    pub autopilot: AutopilotConfig,
+    /// Where a split's new pod comes from; none without a `[provider]` section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ProviderConfig>,
+}
+
+/// `[moves]`: how live moves pause, catch up and clean up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveConfig {
+    /// Longest a move may hold a tenant's clients; past it the move aborts and the tenant
+    /// resumes on its source pod.
+    #[serde(default = "defaults::pause_deadline")]
+    pub pause_deadline: Dur,
+    /// Replication lag (bytes of WAL) under which a move may pause for its cutover.
+    #[serde(default = "defaults::cutover_lag_bytes")]
+    pub cutover_lag_bytes: u64,
+    /// Longest the initial copy plus catch-up may take before the move gives up.
+    #[serde(default = "defaults::catch_up_timeout")]
+    pub catch_up_timeout: Dur,
+    /// Cutover attempts (each a pause of at most `pause_deadline`) before the move fails.
+    #[serde(default = "defaults::cutover_attempts")]
+    pub cutover_attempts: u32,
+    /// How long a moved tenant's old database is kept on the source pod (renamed
+    /// `<tenant>_moved_<job>`, closed to connections); "0s" drops it right after the move.
+    #[serde(default = "defaults::source_retention")]
+    pub source_retention: Dur,
+    /// Moves running at once (split and rebalance jobs respect it too).
+    #[serde(default = "defaults::max_concurrent_moves")]
+    pub max_concurrent: u32,
+    /// Longest a client waits at a tenant paused by an operator before it gets an error.
+    #[serde(default = "defaults::operator_pause_hold")]
+    pub operator_pause_hold: Dur,
+    /// Clients one paused tenant may hold; past it new ones get an error at once.
+    #[serde(default = "defaults::max_held_clients")]
+    pub max_held_clients: u32,
+}
+
+impl Default for MoveConfig {
+    fn default() -> Self {
+        MoveConfig {
+            pause_deadline: defaults::pause_deadline(),
+            cutover_lag_bytes: defaults::cutover_lag_bytes(),
+            catch_up_timeout: defaults::catch_up_timeout(),
+            cutover_attempts: defaults::cutover_attempts(),
+            source_retention: defaults::source_retention(),
+            max_concurrent: defaults::max_concurrent_moves(),
+            operator_pause_hold: defaults::operator_pause_hold(),
+            max_held_clients: defaults::max_held_clients(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -357,6 +480,112 @@ impl Default for AuthConfig {
     }
 }
 
+/// `[limits]`: abuse limits. Rates are token buckets per key (a source address, a tenant):
+/// `rate` tokens per second, at most `burst` saved up; 0 turns a rate limit off. Every field
+/// is read at each use, so a reload applies them at once (timeouts: to new connections).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// New wire connections per second from one source address; over it the client gets
+    /// `FATAL 53300 too many connections from this address`.
+    #[serde(default = "defaults::wire_connections_per_ip")]
+    pub wire_connections_per_ip: u32,
+    /// Wire connections one address may open at once before the rate applies.
+    #[serde(default = "defaults::wire_connection_burst")]
+    pub wire_connection_burst: u32,
+    /// HTTP requests per second from one source address (SQL and proxied); over it `429`.
+    #[serde(default = "defaults::http_requests_per_ip")]
+    pub http_requests_per_ip: u32,
+    #[serde(default = "defaults::http_request_burst")]
+    pub http_request_burst: u32,
+    /// HTTP requests per second for one tenant, all addresses together; over it `429`.
+    #[serde(default = "defaults::http_requests_per_tenant")]
+    pub http_requests_per_tenant: u32,
+    #[serde(default = "defaults::http_tenant_burst")]
+    pub http_tenant_burst: u32,
+    /// HTTP requests one address may have in flight; over it `429`.
+    #[serde(default = "defaults::http_in_flight_per_ip")]
+    pub http_in_flight_per_ip: u32,
+    /// HTTP requests in flight in all; over it `503`.
+    #[serde(default = "defaults::http_in_flight")]
+    pub http_in_flight: u32,
+    /// Open HTTP connections from one address; more are closed at accept.
+    #[serde(default = "defaults::http_connections_per_ip")]
+    pub http_connections_per_ip: u32,
+    /// Request headers must arrive within this (slowloris); also how long an idle
+    /// keep-alive connection waits for its next request.
+    #[serde(default = "defaults::http_header_timeout")]
+    pub http_header_timeout: Dur,
+    /// An HTTP connection on which no byte moves either way for this long is closed.
+    #[serde(default = "defaults::http_idle_timeout")]
+    pub http_idle_timeout: Dur,
+    /// Largest `POST /v1/sql` body; over it `413`.
+    #[serde(default = "defaults::http_max_body")]
+    pub http_max_body: ByteSize,
+    /// Largest proxied request body; over it `413`.
+    #[serde(default = "defaults::http_proxy_max_body")]
+    pub http_proxy_max_body: ByteSize,
+    /// Source addresses (and tenants) whose rate state is kept; past it, new ones share one
+    /// bucket, so the limiter's memory stays bounded whatever the number of addresses.
+    #[serde(default = "defaults::max_tracked_keys")]
+    pub max_tracked_keys: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            wire_connections_per_ip: defaults::wire_connections_per_ip(),
+            wire_connection_burst: defaults::wire_connection_burst(),
+            http_requests_per_ip: defaults::http_requests_per_ip(),
+            http_request_burst: defaults::http_request_burst(),
+            http_requests_per_tenant: defaults::http_requests_per_tenant(),
+            http_tenant_burst: defaults::http_tenant_burst(),
+            http_in_flight_per_ip: defaults::http_in_flight_per_ip(),
+            http_in_flight: defaults::http_in_flight(),
+            http_connections_per_ip: defaults::http_connections_per_ip(),
+            http_header_timeout: defaults::http_header_timeout(),
+            http_idle_timeout: defaults::http_idle_timeout(),
+            http_max_body: defaults::http_max_body(),
+            http_proxy_max_body: defaults::http_proxy_max_body(),
+            max_tracked_keys: defaults::max_tracked_keys(),
+        }
+    }
+}
+
+/// `[http]`: SQL over HTTP and the tenant reverse proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Rows one statement may return; over it the request fails with `row_limit`.
+    #[serde(default = "defaults::http_max_rows")]
+    pub max_rows: u32,
+    /// Result bytes (as Postgres sends them) one request may return; over it
+    /// `response_too_large`.
+    #[serde(default = "defaults::http_max_response")]
+    pub max_response: ByteSize,
+    /// A statement running longer is cancelled (`57014`).
+    #[serde(default = "defaults::http_statement_timeout")]
+    pub statement_timeout: Dur,
+    /// How long connecting to a pod's HTTP upstream may take before the next one is tried.
+    #[serde(default = "defaults::upstream_connect_timeout")]
+    pub upstream_connect_timeout: Dur,
+    /// An upstream that sends no response headers within this gets the client a `504`.
+    #[serde(default = "defaults::upstream_timeout")]
+    pub upstream_timeout: Dur,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_rows: defaults::http_max_rows(),
+            max_response: defaults::http_max_response(),
+            statement_timeout: defaults::http_statement_timeout(),
+            upstream_connect_timeout: defaults::upstream_connect_timeout(),
+            upstream_timeout: defaults::upstream_timeout(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PodConfig {
@@ -379,11 +608,281 @@ pub struct PodConfig {
     /// Server connections to this pod in all; default `pool.max_pod_connections`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// node_exporter of the pod's host (`http://HOST:9100/metrics`): host CPU, memory, disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_exporter: Option<String>,
+    /// What the pod can sustain, for the planner and the autopilot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<PodCapacity>,
+}
+
+// === metrics, planner and autopilot config ===
+
+/// `[metrics]`: cardinality of tenant labels and the pod sampler's pace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Tenants with their own `tenant` label (the busiest); the others are summed per pod
+    /// as `tenant="other"`, so the number of series stays bounded.
+    #[serde(default = "observe_defaults::top_tenants")]
+    pub top_tenants: u32,
+    /// How often the sampler reads every pod's statistics (and node_exporter).
+    #[serde(default = "observe_defaults::sample_every")]
+    pub sample_every: Dur,
+    /// How often database sizes are read (pg_database_size walks the files: slower).
+    #[serde(default = "observe_defaults::size_every")]
+    pub size_every: Dur,
+    /// The window a tenant's load (server busy seconds per second) is averaged over.
+    #[serde(default = "observe_defaults::load_window")]
+    pub load_window: Dur,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            top_tenants: observe_defaults::top_tenants(),
+            sample_every: observe_defaults::sample_every(),
+            size_every: observe_defaults::size_every(),
+            load_window: observe_defaults::load_window(),
+        }
+    }
+}
+
+/// A pod's capacity: what 100% utilisation means for the planner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodCapacity {
+    /// Server busy seconds per second the pod sustains (about its useful CPU cores).
+    #[serde(default = "observe_defaults::busy")]
+    pub busy: f64,
+    /// Backends; default the pod's own max_connections as sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+    /// Bytes of databases; default the size of the data filesystem from node_exporter,
+    /// and unlimited without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
+}
+
+impl Default for PodCapacity {
+    fn default() -> Self {
+        PodCapacity {
+            busy: observe_defaults::busy(),
+            connections: None,
+            disk_bytes: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AutopilotMode {
+    Off,
+    /// Propose splits (GET /v1/recommendations, a metric, the audit log); change nothing.
+    #[default]
+    Recommend,
+    /// Also run them, within `cooldown` and `max_concurrent_moves`.
+    Apply,
+}
+
+/// `[autopilot]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutopilotConfig {
+    #[serde(default)]
+    pub mode: AutopilotMode,
+    #[serde(default)]
+    pub split_when: SplitWhen,
+    /// After a split of a pod, how long before the autopilot acts on that pod again.
+    #[serde(default = "observe_defaults::cooldown")]
+    pub cooldown: Dur,
+    /// Moves an applied split runs at once.
+    #[serde(default = "observe_defaults::autopilot_moves")]
+    pub max_concurrent_moves: u32,
+}
+
+impl Default for AutopilotConfig {
+    fn default() -> Self {
+        AutopilotConfig {
+            mode: AutopilotMode::default(),
+            split_when: SplitWhen::default(),
+            cooldown: observe_defaults::cooldown(),
+            max_concurrent_moves: observe_defaults::autopilot_moves(),
+        }
+    }
+}
+
+/// When a pod needs a split: any ratio at or over its threshold for `for`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitWhen {
+    /// Server busy seconds per second against `capacity.busy`.
+    #[serde(default = "observe_defaults::busy_ratio")]
+    pub busy_ratio: f64,
+    /// Backends against max_connections (or `capacity.connections`).
+    #[serde(default = "observe_defaults::connections_ratio")]
+    pub connections_ratio: f64,
+    /// Database bytes against `capacity.disk_bytes` (ignored while that is unknown).
+    #[serde(default = "observe_defaults::disk_ratio")]
+    pub disk_ratio: f64,
+    #[serde(rename = "for", default = "observe_defaults::split_for")]
+    pub for_: Dur,
+}
+
+impl Default for SplitWhen {
+    fn default() -> Self {
+        SplitWhen {
+            busy_ratio: observe_defaults::busy_ratio(),
+            connections_ratio: observe_defaults::connections_ratio(),
+            disk_ratio: observe_defaults::disk_ratio(),
+            for_: observe_defaults::split_for(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Spare pods listed in this file that hold no tenants yet.
+    Static,
+    /// initdb a new cluster on this machine (demo, tests, single-host trials).
+    Local,
+    /// Run `command`; it prints the new pod's primary URL on its first line of stdout.
+    Command,
+}
+
+/// `[provider]`: where a split's new pod comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub kind: ProviderKind,
+    /// `local`: where new clusters live (relative to this file); default `provisioned/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// `command`: run with `sh -c`, with PODROUTER_POD (the new pod's name) and
+    /// PODROUTER_SOURCE_POD in its environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// `command`: how long it may take.
+    #[serde(default = "observe_defaults::provider_timeout")]
+    pub timeout: Dur,
+}
+
+mod observe_defaults {
+    use super::Dur;
+    use std::time::Duration;
+    pub fn top_tenants() -> u32 {
+        20
+    }
+    pub fn sample_every() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn size_every() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn load_window() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
+    pub fn busy() -> f64 {
+        4.0
+    }
+    pub fn cooldown() -> Dur {
+        Dur(Duration::from_secs(1800))
+    }
+    pub fn autopilot_moves() -> u32 {
+        2
+    }
+    pub fn busy_ratio() -> f64 {
+        0.75
+    }
+    pub fn connections_ratio() -> f64 {
+        0.8
+    }
+    pub fn disk_ratio() -> f64 {
+        0.8
+    }
+    pub fn split_for() -> Dur {
+        Dur(Duration::from_secs(300))
+    }
+    pub fn provider_timeout() -> Dur {
+        Dur(Duration::from_secs(600))
+    }
+}
+
+impl Config {
+    /// Checks `[metrics]`, `[autopilot]`, `[provider]` and the pods' `capacity` and
+    /// `node_exporter`: (field, problem, fix) of the first error.
+    fn validate_observe(&self) -> Result<(), (String, String, String)> {
+        let bad = |f: &str, p: String, fix: &str| Err((f.to_owned(), p, fix.to_owned()));
+        let m = &self.metrics;
+        if m.top_tenants > 1000 {
+            return bad("metrics.top_tenants", format!("{} is out of range", m.top_tenants), "use 0 to 1000 (each labelled tenant adds series)");
+        }
+        for (f, d) in [("metrics.sample_every", m.sample_every), ("metrics.size_every", m.size_every), ("metrics.load_window", m.load_window)] {
+            if d.0 < Duration::from_millis(100) || d.0 > Duration::from_secs(24 * 3600) {
+                return bad(f, format!("{d} is out of range"), "use a duration between 100ms and 24h, e.g. \"5s\"");
+            }
+        }
+        let w = &self.autopilot.split_when;
+        for (f, r) in [("autopilot.split_when.busy_ratio", w.busy_ratio), ("autopilot.split_when.connections_ratio", w.connections_ratio), ("autopilot.split_when.disk_ratio", w.disk_ratio)] {
+            if !(r.is_finite() && r > 0.0 && r <= 10.0) {
+                return bad(f, format!("{r} is out of range"), "use a ratio above 0, e.g. 0.75");
+            }
+        }
+        if self.autopilot.max_concurrent_moves == 0 || self.autopilot.max_concurrent_moves > 64 {
+            return bad("autopilot.max_concurrent_moves", format!("{} is out of range", self.autopilot.max_concurrent_moves), "use 1 to 64");
+        }
+        if let Some(p) = &self.provider {
+            if p.kind == ProviderKind::Command && p.command.as_deref().is_none_or(|c| c.trim().is_empty()) {
+                return bad("provider.command", "kind = \"command\" needs a command".into(), "set command = \"/path/to/new-pod.sh\" (it prints the new primary's URL)");
+            }
+        }
+        for (i, pod) in self.pods.iter().enumerate() {
+            if let Some(url) = &pod.node_exporter {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return bad(&format!("pod[{i}].node_exporter"), format!("{url:?} is not an HTTP URL"), "write http://HOST:9100/metrics");
+                }
+            }
+            if let Some(c) = &pod.capacity {
+                if !(c.busy.is_finite() && c.busy > 0.0) {
+                    return bad(&format!("pod[{i}].capacity.busy"), format!("{} is out of range", c.busy), "use the server busy seconds per second the pod sustains, e.g. 4.0");
+                }
+                if c.connections == Some(0) || c.disk_bytes == Some(0) {
+                    return bad(&format!("pod[{i}].capacity"), "a capacity of 0".into(), "leave it out to use the pod's own figures");
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 mod defaults {
     use super::Dur;
     use std::time::Duration;
+    pub fn pause_deadline() -> Dur {
+        Dur(Duration::from_secs(2))
+    }
+    pub fn cutover_lag_bytes() -> u64 {
+        1024 * 1024
+    }
+    pub fn catch_up_timeout() -> Dur {
+        Dur(Duration::from_secs(6 * 3600))
+    }
+    pub fn cutover_attempts() -> u32 {
+        5
+    }
+    pub fn source_retention() -> Dur {
+        Dur(Duration::from_secs(7 * 24 * 3600))
+    }
+    pub fn max_concurrent_moves() -> u32 {
+        2
+    }
+    pub fn operator_pause_hold() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn max_held_clients() -> u32 {
+        10_000
+    }
     pub fn max_pod_connections() -> u32 {
         90
     }
@@ -428,6 +927,63 @@ mod defaults {
     }
     pub fn yes() -> bool {
         true
+    }
+    pub fn wire_connections_per_ip() -> u32 {
+        50
+    }
+    pub fn wire_connection_burst() -> u32 {
+        500
+    }
+    pub fn http_requests_per_ip() -> u32 {
+        200
+    }
+    pub fn http_request_burst() -> u32 {
+        400
+    }
+    pub fn http_requests_per_tenant() -> u32 {
+        2000
+    }
+    pub fn http_tenant_burst() -> u32 {
+        4000
+    }
+    pub fn http_in_flight_per_ip() -> u32 {
+        64
+    }
+    pub fn http_in_flight() -> u32 {
+        1024
+    }
+    pub fn http_connections_per_ip() -> u32 {
+        256
+    }
+    pub fn http_header_timeout() -> Dur {
+        Dur(Duration::from_secs(5))
+    }
+    pub fn http_idle_timeout() -> Dur {
+        Dur(Duration::from_secs(60))
+    }
+    pub fn http_max_body() -> super::ByteSize {
+        super::ByteSize(1 << 20)
+    }
+    pub fn http_proxy_max_body() -> super::ByteSize {
+        super::ByteSize(64 << 20)
+    }
+    pub fn max_tracked_keys() -> u32 {
+        100_000
+    }
+    pub fn http_max_rows() -> u32 {
+        10_000
+    }
+    pub fn http_max_response() -> super::ByteSize {
+        super::ByteSize(16 << 20)
+    }
+    pub fn http_statement_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
+    }
+    pub fn upstream_connect_timeout() -> Dur {
+        Dur(Duration::from_secs(2))
+    }
+    pub fn upstream_timeout() -> Dur {
+        Dur(Duration::from_secs(30))
     }
 }
 
@@ -534,6 +1090,41 @@ impl Config {
                 ));
             }
         }
+        let m = &self.moves;
+        for (field, d, max) in [
+            ("moves.pause_deadline", m.pause_deadline, Duration::from_secs(60)),
+            ("moves.operator_pause_hold", m.operator_pause_hold, Duration::from_secs(3600)),
+            ("moves.catch_up_timeout", m.catch_up_timeout, Duration::from_secs(7 * 24 * 3600)),
+        ] {
+            if d.0 < Duration::from_millis(10) || d.0 > max {
+                return Err(invalid(
+                    field,
+                    format!("{d} is out of range"),
+                    &format!("use a duration between 10ms and {}", Dur(max)),
+                ));
+            }
+        }
+        if m.cutover_attempts == 0 || m.cutover_attempts > 100 {
+            return Err(invalid(
+                "moves.cutover_attempts",
+                format!("{} is out of range", m.cutover_attempts),
+                "use 1 to 100",
+            ));
+        }
+        if m.max_concurrent == 0 || m.max_concurrent > 64 {
+            return Err(invalid(
+                "moves.max_concurrent",
+                format!("{} is out of range", m.max_concurrent),
+                "use 1 to 64",
+            ));
+        }
+        if m.max_held_clients == 0 {
+            return Err(invalid(
+                "moves.max_held_clients",
+                "0 would fail every client of a paused tenant".into(),
+                "use at least 1 (default 10000)",
+            ));
+        }
         let p = &self.pool;
         if !(1..=10_000).contains(&p.size) {
             return Err(invalid(
@@ -581,6 +1172,7 @@ impl Config {
                 "use \"DISCARD ALL\" unless you know better",
             ));
         }
+        self.validate_limits(&invalid)?;
         let mut names = std::collections::HashSet::new();
         for (i, pod) in self.pods.iter().enumerate() {
             let at = |f: &str| format!("pod[{i}].{f}");
@@ -638,8 +1230,65 @@ impl Config {
                 ));
             }
         }
+        if let Err((field, problem, fix)) = self.validate_observe() {
+            return Err(invalid(&field, problem, &fix));
+        }
         if let Err(e) = crate::proxy::tls::TlsSetup::load(self.tls.as_ref(), base) {
             return Err(invalid(e.field, e.problem, &e.fix));
+        }
+        Ok(())
+    }
+
+    /// `[limits]` and `[http]`: every count positive where 0 would refuse everything, every
+    /// duration and size in a range that still serves someone.
+    fn validate_limits(
+        &self,
+        invalid: &dyn Fn(&str, String, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let (l, h) = (&self.limits, &self.http);
+        for (field, rate, burst, burst_field) in [
+            ("limits.wire_connections_per_ip", l.wire_connections_per_ip, l.wire_connection_burst, "limits.wire_connection_burst"),
+            ("limits.http_requests_per_ip", l.http_requests_per_ip, l.http_request_burst, "limits.http_request_burst"),
+            ("limits.http_requests_per_tenant", l.http_requests_per_tenant, l.http_tenant_burst, "limits.http_tenant_burst"),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(invalid(
+                    burst_field,
+                    format!("0 would refuse everything {field} allows"),
+                    "set it to at least 1 (e.g. twice the rate), or set the rate to 0 to turn the limit off",
+                ));
+            }
+        }
+        for (field, n, fix) in [
+            ("limits.http_in_flight_per_ip", l.http_in_flight_per_ip, "e.g. 64"),
+            ("limits.http_in_flight", l.http_in_flight, "e.g. 1024"),
+            ("limits.http_connections_per_ip", l.http_connections_per_ip, "e.g. 256"),
+            ("limits.max_tracked_keys", l.max_tracked_keys, "e.g. 100000"),
+            ("http.max_rows", h.max_rows, "e.g. 10000"),
+        ] {
+            if n == 0 {
+                return Err(invalid(field, "0 would refuse every request".into(), &format!("set it to at least 1, {fix}")));
+            }
+        }
+        for (field, d) in [
+            ("limits.http_header_timeout", l.http_header_timeout),
+            ("limits.http_idle_timeout", l.http_idle_timeout),
+            ("http.statement_timeout", h.statement_timeout),
+            ("http.upstream_connect_timeout", h.upstream_connect_timeout),
+            ("http.upstream_timeout", h.upstream_timeout),
+        ] {
+            if d.0 < Duration::from_millis(10) || d.0 > Duration::from_secs(3600) {
+                return Err(invalid(field, format!("{d} is out of range"), "use a duration between 10ms and 1h, e.g. \"5s\""));
+            }
+        }
+        for (field, b) in [
+            ("limits.http_max_body", l.http_max_body),
+            ("limits.http_proxy_max_body", l.http_proxy_max_body),
+            ("http.max_response", h.max_response),
+        ] {
+            if b.0 == 0 || b.0 > 1 << 32 {
+                return Err(invalid(field, format!("{b} is out of range"), "use a size between 1B and 4GB, e.g. \"1MB\""));
+            }
         }
         Ok(())
     }
@@ -1125,6 +1774,27 @@ primary = "postgres://postgres@127.0.0.1:5433"
             "[[pod]]\nname = \"b\"\nprimary = \"postgres://x@h\"\nreplicas = [\"nope\"]\n",
             "pod[1].replicas[0]",
         );
+    }
+
+    #[test]
+    fn limits_are_validated_and_sizes_parse() {
+        check("[limits]\nhttp_requests_per_ip = 10\nhttp_request_burst = 20\n", "");
+        check("[limits]\nhttp_requests_per_ip = 0\nhttp_request_burst = 0\n", "");
+        check(
+            "[limits]\nhttp_request_burst = 0\n",
+            "limits.http_request_burst: 0 would refuse",
+        );
+        check("[limits]\nhttp_in_flight = 0\n", "limits.http_in_flight");
+        check("[limits]\nhttp_header_timeout = \"0s\"\n", "limits.http_header_timeout");
+        check("[limits]\nhttp_max_body = \"2XB\"\n", "is not a size");
+        check("[http]\nmax_rows = 0\n", "http.max_rows");
+        check("[http]\nstatement_timeout = \"2h\"\n", "http.statement_timeout");
+        for (s, b) in [("512kB", 512 << 10), ("1MB", 1 << 20), ("7", 7), ("3B", 3)] {
+            let parsed: ByteSize = s.parse().unwrap();
+            assert_eq!(parsed.0, b, "{s}");
+        }
+        assert_eq!(ByteSize(1 << 20).to_string(), "1MB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
     }
 
     #[test]

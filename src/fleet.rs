@@ -49,11 +49,14 @@ impl FleetError {
 
 impl From<CatalogError> for FleetError {
     fn from(e: CatalogError) -> Self {
-        FleetError::new(
-            ErrorKind::Unavailable,
-            "catalog_unavailable",
-            format!("{e}"),
-        )
+        match e {
+            CatalogError::Conflict(m) => FleetError::new(ErrorKind::Conflict, "conflict", m),
+            e => FleetError::new(
+                ErrorKind::Unavailable,
+                "catalog_unavailable",
+                format!("{e}"),
+            ),
+        }
     }
 }
 
@@ -177,6 +180,14 @@ pub struct Fleet {
     /// diffed against. An async mutex because it is held across the whole reload, so that
     /// a SIGHUP and an API call never interleave; the hot path never touches it.
     source: tokio::sync::Mutex<ConfigSource>,
+    /// Long-running operations (moves, splits) of this router.
+    pub jobs: Arc<crate::jobs::Jobs>,
+    /// The Prometheus registry, the router's per-tenant counters' exporter and the pod
+    /// sampler's board (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Autopilot recommendations and the pods the provider started.
+    pub planner: crate::planner::PlannerState,
+    routes_lock: tokio::sync::Mutex<()>,
 }
 
 impl Fleet {
@@ -187,6 +198,13 @@ impl Fleet {
         let base = config_path.as_deref().and_then(|p| p.parent());
         let proxy = Arc::new(Proxy::new(table.clone(), &config, base));
         Fleet {
+            jobs: Arc::new(crate::jobs::Jobs::new(
+                catalog.clone(),
+                config.moves.max_concurrent as usize,
+            )),
+            routes_lock: tokio::sync::Mutex::new(()),
+            metrics: Arc::new(crate::metrics::Metrics::new(proxy.clone())),
+            planner: Default::default(),
             catalog,
             table,
             proxy,
@@ -368,9 +386,72 @@ impl Fleet {
     /// Rebuilds the RoutingTable from the catalog and publishes it (build → store; old
     /// sessions drain on the routes they hold).
     pub async fn reload_routes(&self) -> Result<(), FleetError> {
+        // Serialised with itself and with `store_routes`: a snapshot read before a route
+        // switch committed can never be stored after the switch's own table.
+        let _one_at_a_time = self.routes_lock.lock().await;
         let snap = self.catalog.snapshot().await?;
-        self.table.store(Arc::new(RoutingTable::build(&snap)));
+        let table = RoutingTable::build(&snap);
+        self.sync_operator_pauses(&table);
+        self.table.store(Arc::new(table));
         Ok(())
+    }
+
+    /// Operator pauses live in the catalog (state `paused`), so every router holds them:
+    /// gates follow the table. Gates paused by a live move are the mover's, not touched.
+    fn sync_operator_pauses(&self, table: &RoutingTable) {
+        const OPERATOR: &str = "an operator";
+        for (name, t) in &table.tenants {
+            if t.state == "paused" {
+                let gate = self.proxy.gates.get(name);
+                if !gate.is_paused() {
+                    gate.pause(OPERATOR);
+                }
+            }
+        }
+        for name in self.proxy.gates.paused() {
+            let gate = self.proxy.gates.get(&name);
+            let still = table.tenants.get(&name).is_some_and(|t| t.state == "paused");
+            if !still && gate.reason() == OPERATOR {
+                gate.resume();
+            }
+        }
+    }
+
+    /// `POST /v1/tenants/{t}/pause`: new transactions of the tenant wait (up to
+    /// `moves.operator_pause_hold`), running ones finish. Every router follows.
+    pub async fn pause_tenant(&self, name: &str, actor: &str) -> Result<TenantView, FleetError> {
+        let t = self.tenant(name).await?;
+        if t.state != "paused" && !self.catalog.set_tenant_paused(name, true, actor).await? {
+            return Err(FleetError::new(
+                ErrorKind::Conflict,
+                "tenant_busy",
+                format!("tenant {name:?} is {}; only an active tenant can be paused", t.state),
+            ));
+        }
+        self.reload_routes().await?;
+        self.tenant(name).await
+    }
+
+    pub async fn resume_tenant(&self, name: &str, actor: &str) -> Result<TenantView, FleetError> {
+        let t = self.tenant(name).await?;
+        if t.state == "paused" {
+            self.catalog.set_tenant_paused(name, false, actor).await?;
+        }
+        self.reload_routes().await?;
+        self.tenant(name).await
+    }
+
+    /// Stores a table derived from the current one (a committed route switch), in order with
+    /// `reload_routes`.
+    pub async fn store_routes(&self, change: impl FnOnce(&RoutingTable) -> Option<RoutingTable>) -> bool {
+        let _one_at_a_time = self.routes_lock.lock().await;
+        match change(&self.table.load()) {
+            Some(t) => {
+                self.table.store(Arc::new(t));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Writes the config's pods into the catalog (the config wins for the fields it sets).
@@ -671,6 +752,49 @@ impl Fleet {
             "pod": t.pod,
             "database_dropped": drop_database,
         }))
+    }
+
+    /// Registers a new pod (from a pod provider) in the catalog, audited, once its primary
+    /// answers; new tenants may be placed there and moves may target it. A pod of that name
+    /// that exists already is a conflict.
+    pub async fn add_pod(
+        &self,
+        name: &str,
+        primary: &str,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), FleetError> {
+        if !config::valid_name(name) {
+            return Err(FleetError::new(
+                ErrorKind::BadRequest,
+                "invalid_pod_name",
+                format!("pod name {name:?} is not usable: {}", config::NAME_RULE),
+            ));
+        }
+        config::parse_pg_url(primary).map_err(|e| {
+            FleetError::new(ErrorKind::BadRequest, "invalid_pod_url", format!("{e}; write postgres://USER[:PASSWORD]@HOST[:PORT]"))
+        })?;
+        let conn = podadmin::connect(primary, None)
+            .await
+            .map_err(|e| pod_unreachable(name, &e))?;
+        let _ = sqlx::Connection::close(conn).await;
+        let row = PodRow {
+            name: name.to_owned(),
+            primary_url: primary.to_owned(),
+            replicas: Vec::new(),
+            http: Vec::new(),
+            weight: 1.0,
+            accepting: true,
+            pool_mode: None,
+        };
+        if !self.catalog.add_pod(&row, actor, detail).await? {
+            return Err(FleetError::new(
+                ErrorKind::Conflict,
+                "pod_exists",
+                format!("pod {name:?} already exists; list pods with GET /v1/pods"),
+            ));
+        }
+        self.reload_routes().await
     }
 
     /// Finishes what a crash interrupted: tenants left in 'creating' are rolled back.

@@ -96,6 +96,9 @@ pub async fn start_with_source(
     fleet.sync_pods_from_config().await?;
     fleet.reload_routes().await?;
     fleet.sweep_interrupted().await?;
+    // Moves a previous process left running are finished or rolled back before any client
+    // is served: a tenant fenced mid-move must be unfenced (or switched) first.
+    crate::mover::recover(&fleet).await;
     if let Some(version) = fleet.record_start_config().await? {
         tracing::info!(version, "recorded the config as a new version");
     }
@@ -112,6 +115,9 @@ pub async fn start_with_source(
 
     tracker.spawn(follow_catalog(fleet.clone(), shutdown.clone()));
     tracker.spawn(crate::health::monitor(fleet.clone(), shutdown.clone()));
+    tracker.spawn(crate::metrics::sampler::run(fleet.clone(), shutdown.clone()));
+    tracker.spawn(crate::planner::autopilot::run(fleet.clone(), shutdown.clone()));
+    tracker.spawn(crate::mover::janitor(fleet.clone(), shutdown.clone()));
     tracker.spawn(crate::proxy::serve(
         fleet.proxy.clone(),
         listeners.pg,
@@ -132,16 +138,12 @@ pub async fn start_with_source(
         }
     });
     if let Some(http) = listeners.http {
-        let app = crate::http::app(fleet.clone());
-        let stop = shutdown.clone();
-        tracker.spawn(async move {
-            let _ = axum::serve(
-                http,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        });
+        tracker.spawn(crate::http::serve(
+            fleet.clone(),
+            http,
+            shutdown.clone(),
+            sessions.clone(),
+        ));
     }
     tracing::info!(%pg_addr, %admin_addr, "podrouter is serving");
     Ok(Running {
@@ -159,6 +161,9 @@ impl Running {
     /// Stops accepting, lets sessions reach a clean point (closing idle ones with 57P01) for
     /// up to `router.shutdown_grace`, then returns.
     pub async fn shutdown(self) {
+        // Running moves abort first (resuming their held clients on the source), within
+        // their pause deadline; the next start finishes anything left.
+        self.fleet.jobs.shutdown(Duration::from_secs(15)).await;
         self.shutdown.cancel();
         self.tracker.close();
         self.sessions.close();

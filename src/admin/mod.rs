@@ -2,6 +2,9 @@
 //! builds the whole router, so tests drive it with `tower::ServiceExt::oneshot`.
 //! Errors are mapped to statuses in one place ([`AppError`]).
 
+mod jobs;
+mod planner;
+
 use crate::failover::FailoverRequest;
 use crate::fleet::{ErrorKind, Fleet, FleetError, NewTenant, ReloadError};
 use axum::extract::rejection::JsonRejection;
@@ -34,12 +37,18 @@ pub fn app(fleet: AppState) -> Router {
         .route("/config/reload", post(reload_config))
         .route("/config/history", get(config_history))
         .route("/config/history/{version}", get(config_version))
+        .merge(jobs::routes())
+        .merge(planner::routes())
         .fallback(not_found)
+        .route_layer(middleware::from_fn_with_state(fleet.clone(), require_token));
+    let metrics = Router::new()
+        .route("/metrics", get(planner::metrics))
         .route_layer(middleware::from_fn_with_state(fleet.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .nest("/v1", v1)
+        .merge(metrics)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(fleet)

@@ -1,6 +1,9 @@
 //! The catalog: sqlx queries over the schema in `migrations/` (applied at start). Runtime
 //! queries only, so the crate builds without a database at hand.
 
+pub mod jobs;
+pub mod pods;
+
 use serde::Serialize;
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sqlx::Row;
@@ -18,6 +21,9 @@ pub enum CatalogError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("catalog query failed: {0}")]
     Query(#[from] sqlx::Error),
+    /// A change that conflicts with one in progress (message says what to do).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -185,7 +191,8 @@ impl Catalog {
         Ok(row.map(|r| tenant_row(&r)).transpose()?)
     }
 
-    /// Inserts or updates a pod from the config (the config wins for the fields it sets).
+    /// Inserts or updates a pod from the config (the config wins for the fields it sets, and
+    /// a pod the API added becomes the config's when the file lists it: origin `config`).
     pub async fn upsert_pod(&self, pod: &PodRow) -> Result<(), CatalogError> {
         let mut conn = self.pool.acquire().await?;
         upsert_pod(&mut conn, pod).await
@@ -210,8 +217,9 @@ impl Catalog {
         let (mut removed_pods, mut kept_pods) = (Vec::new(), Vec::new());
         for name in dropped_pods {
             // Tenants reference their pod, so a pod with tenants is never deleted here.
+            // Only pods of the config: those added through the API are the API's to remove.
             let n = sqlx::query(
-                "DELETE FROM pods p WHERE p.name = $1
+                "DELETE FROM pods p WHERE p.name = $1 AND p.origin = 'config'
                    AND NOT EXISTS (SELECT 1 FROM tenants t WHERE t.pod = p.name)",
             )
             .bind(name)
@@ -481,6 +489,37 @@ impl Catalog {
         Ok(true)
     }
 
+    /// Sets an active tenant `paused` (or a paused one `active`), audited and notified;
+    /// false when the tenant was not in the expected state.
+    pub async fn set_tenant_paused(
+        &self,
+        name: &str,
+        paused: bool,
+        actor: &str,
+    ) -> Result<bool, CatalogError> {
+        let (from, to, action) = if paused {
+            ("active", "paused", "tenant.pause")
+        } else {
+            ("paused", "active", "tenant.resume")
+        };
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE tenants SET state = $3, updated_at = now() WHERE name = $1 AND state = $2",
+        )
+        .bind(name)
+        .bind(from)
+        .bind(to)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n > 0 {
+            audit(&mut tx, actor, action, name, serde_json::json!({})).await?;
+            notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
     /// Removes a tenant row (and its grants), audited.
     pub async fn delete_tenant(
         &self,
@@ -523,6 +562,38 @@ impl Catalog {
         audit(&mut conn, actor, action, target, detail).await
     }
 
+    /// Inserts a new pod (not from the config: a provider made it), audited `pod.add`, and
+    /// NOTIFYs; false when a pod of that name exists.
+    pub async fn add_pod(
+        &self,
+        pod: &PodRow,
+        actor: &str,
+        detail: serde_json::Value,
+    ) -> Result<bool, CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        let added = sqlx::query(
+            "INSERT INTO pods (name, primary_url, replicas, http, weight, accepting, pool_mode)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&pod.name)
+        .bind(&pod.primary_url)
+        .bind(sqlx::types::Json(&pod.replicas))
+        .bind(sqlx::types::Json(&pod.http))
+        .bind(pod.weight)
+        .bind(pod.accepting)
+        .bind(&pod.pool_mode)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if added {
+            audit(&mut tx, actor, "pod.add", &pod.name, detail).await?;
+            notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(added)
+    }
+
     pub async fn audit_entries(&self, limit: i64) -> Result<Vec<serde_json::Value>, CatalogError> {
         let rows = sqlx::query(
             "SELECT id, at, actor, action, target, detail FROM audit_log ORDER BY id DESC LIMIT $1",
@@ -543,6 +614,15 @@ impl Catalog {
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(Into::into)
+    }
+}
+
+/// Audits an action whose own change is elsewhere (a cancel request); a failure is logged.
+pub async fn audit_quietly(catalog: &Catalog, actor: &str, action: &str, target: &str) {
+    if let Ok(mut conn) = catalog.pool.acquire().await {
+        if let Err(e) = audit(&mut conn, actor, action, target, serde_json::json!({})).await {
+            tracing::warn!("cannot audit {action} on {target}: {e}");
+        }
     }
 }
 
@@ -604,14 +684,16 @@ async fn upsert_pod(conn: &mut sqlx::PgConnection, pod: &PodRow) -> Result<(), C
     let learned = keep_failed_over_primary(conn, pod).await?;
     let pod = learned.as_ref().unwrap_or(pod);
     sqlx::query(
-        "INSERT INTO pods (name, primary_url, replicas, http, weight, accepting, pool_mode)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)
+        "INSERT INTO pods (name, primary_url, replicas, http, weight, accepting, pool_mode, origin)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'config')
          ON CONFLICT (name) DO UPDATE SET primary_url = excluded.primary_url,
              replicas = excluded.replicas, http = excluded.http, weight = excluded.weight,
-             accepting = excluded.accepting, pool_mode = excluded.pool_mode, updated_at = now()
-         WHERE (pods.primary_url, pods.replicas, pods.http, pods.weight, pods.accepting, pods.pool_mode)
+             accepting = excluded.accepting, pool_mode = excluded.pool_mode, origin = 'config',
+             updated_at = now()
+         WHERE (pods.primary_url, pods.replicas, pods.http, pods.weight, pods.accepting, pods.pool_mode,
+                pods.origin)
                IS DISTINCT FROM (excluded.primary_url, excluded.replicas, excluded.http, excluded.weight,
-                                 excluded.accepting, excluded.pool_mode)",
+                                 excluded.accepting, excluded.pool_mode, 'config')",
     )
     .bind(&pod.name)
     .bind(&pod.primary_url)

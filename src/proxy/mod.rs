@@ -36,6 +36,9 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     pub mode: PoolMode,
+    /// New connections per second from one source address (`limits.wire_connections_per_ip`).
+    pub connections_per_ip: crate::limits::Rate,
+    pub max_tracked_keys: usize,
     pub pool_size: usize,
     /// Server connections per pod: the default and each pod's own.
     pub pod_limit: usize,
@@ -46,6 +49,9 @@ pub struct ProxySettings {
     pub reset_query: String,
     /// Bound on a replica's lag for sessions that ask for one (`podrouter.target=replica`).
     pub max_replica_lag: ReplicaLag,
+    /// Longest a client waits at a paused tenant's gate, and how many may wait there.
+    pub pause_hold: Duration,
+    pub max_held_clients: usize,
 }
 
 impl ProxySettings {
@@ -56,6 +62,11 @@ impl ProxySettings {
     pub fn from_config(c: &Config) -> Self {
         ProxySettings {
             mode: c.pool.mode,
+            connections_per_ip: crate::limits::Rate::new(
+                c.limits.wire_connections_per_ip,
+                c.limits.wire_connection_burst,
+            ),
+            max_tracked_keys: c.limits.max_tracked_keys as usize,
             pool_size: c.pool.size as usize,
             pod_limit: c.pool.max_pod_connections as usize,
             pod_limits: c
@@ -74,6 +85,9 @@ impl ProxySettings {
             auth_timeout: c.auth.timeout.0,
             reset_query: c.pool.reset_query.clone(),
             max_replica_lag: c.pool.max_replica_lag,
+            // A move resumes its clients by its deadline; an operator's pause by the hold.
+            pause_hold: c.moves.operator_pause_hold.0.max(c.moves.pause_deadline.0),
+            max_held_clients: c.moves.max_held_clients as usize,
         }
     }
 }
@@ -90,6 +104,9 @@ pub struct Proxy {
     pub pools: Pools,
     pub cancels: cancel::CancelRegistry,
     pub stats: ProxyStats,
+    /// New connections per source address, and the few tasks that answer those refused.
+    connection_rate: crate::limits::RateLimiter<std::net::IpAddr>,
+    refusals: Arc<Semaphore>,
     settings: ArcSwap<ProxySettings>,
     client_slots: Arc<Semaphore>,
     max_clients: usize,
@@ -101,6 +118,8 @@ pub struct Proxy {
     pub health: crate::health::HealthBoard,
     /// TLS offered to clients (restart-only: loaded once here).
     pub client_tls: tls::ClientTls,
+    /// Per-tenant pause gates (live moves, operator pauses).
+    pub gates: crate::routing::pause::PauseGates,
 }
 
 /// One counted client session of a tenant; uncounted on drop.
@@ -130,6 +149,10 @@ impl Proxy {
             pools: Pools::with_pod_tls(tls.pods),
             cancels: cancel::CancelRegistry::default(),
             stats: ProxyStats::default(),
+            connection_rate: crate::limits::RateLimiter::new(
+                config.limits.max_tracked_keys as usize,
+            ),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             settings: ArcSwap::from_pointee(ProxySettings::from_config(config)),
             client_slots: Arc::new(Semaphore::new(config.pool.max_clients as usize)),
             max_clients: config.pool.max_clients as usize,
@@ -138,6 +161,7 @@ impl Proxy {
             tenant_clients: Default::default(),
             health: Default::default(),
             client_tls: tls.clients,
+            gates: Default::default(),
         }
     }
 
@@ -150,6 +174,7 @@ impl Proxy {
     pub fn apply_settings(&self, s: ProxySettings) {
         let s = Arc::new(s);
         self.settings.store(s.clone());
+        self.connection_rate.set_max_keys(s.max_tracked_keys);
         self.pools.resize_all(s.pool_size, |pod| s.pod_limit(pod));
     }
 
@@ -172,6 +197,12 @@ impl Proxy {
             proxy: self,
             tenant: tenant.to_owned(),
         })
+    }
+
+    /// Live client sessions per tenant (read at scrape time by the metrics).
+    pub fn tenant_client_counts(&self) -> Vec<(String, usize)> {
+        let map = self.tenant_clients.lock();
+        map.iter().map(|(t, n)| (t.clone(), *n)).collect()
     }
 
     pub(crate) fn mock_secret(&self) -> &[u8] {
@@ -231,10 +262,53 @@ pub async fn serve(
                 continue;
             }
         };
+        if let Err(wait) = proxy
+            .connection_rate
+            .check(&peer.ip(), proxy.settings().connections_per_ip)
+        {
+            refuse_connection(&proxy, &tracker, stream, peer, wait);
+            continue;
+        }
         let proxy = proxy.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move { handle_client(proxy, stream, peer, shutdown).await });
     }
+}
+
+/// Connections refused for their address's rate being answered at once; more are closed
+/// without a word, so a flood cannot make the router spend much on refusing it.
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+
+/// How long a refused client has to send its startup packet and read the error.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
+/// Answers a connection over its address's rate with `FATAL 53300`, in a small task of its
+/// own so the accept loop (and every other address) never waits for it.
+fn refuse_connection(
+    proxy: &Arc<Proxy>,
+    tracker: &TaskTracker,
+    stream: TcpStream,
+    peer: SocketAddr,
+    wait: Duration,
+) {
+    proxy.stats.clients_refused.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, "refused: over the connection rate of its address");
+    let Ok(permit) = proxy.refusals.clone().try_acquire_owned() else {
+        return; // dropping the socket closes it
+    };
+    let proxy = proxy.clone();
+    tracker.spawn(async move {
+        let _permit = permit;
+        let e = RouterError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "podrouter: too many connections from this address",
+        )
+        .with_hint(format!(
+            "Connect less often (reuse connections, or a client-side pool); retry in {} s, or ask an operator to raise limits.wire_connections_per_ip.",
+            crate::limits::retry_after_secs(wait)
+        ));
+        startup::refuse(&proxy, stream, &e, REFUSAL_TIME).await;
+    });
 }
 
 async fn handle_client(

@@ -18,6 +18,7 @@ use crate::config::PoolMode;
 use crate::protocol::backend::{self, RouterError};
 use crate::protocol::framing::{self, FrameError};
 use crate::protocol::sqlstate;
+use crate::routing::pause::{GatePass, Held, PauseGate};
 use crate::routing::replica;
 use bytes::BytesMut;
 use std::sync::Arc;
@@ -78,6 +79,11 @@ pub struct Session<'a> {
     /// mode also the client's named statements.
     replies: Replies,
     stmts: ClientStatements,
+    /// The tenant's pause gate, and the pass held while a transaction runs.
+    gate: Arc<PauseGate>,
+    pass: Option<GatePass>,
+    /// Bytes and request timing, flushed to the pool's tenant stats at each ReadyForQuery.
+    meter: crate::metrics::Meter,
 }
 
 impl<'a> Session<'a> {
@@ -94,7 +100,10 @@ impl<'a> Session<'a> {
         // Fixed for the session's life: the tenant's own mode, else its pod's, else the config's.
         let mode = route.pool_mode(proxy.settings().mode);
         let params_sig = super::server::params_signature(&auth.params);
+        let gate = proxy.gates.get(&route.name);
         Session {
+            gate,
+            pass: None,
             mode,
             proxy,
             client,
@@ -114,6 +123,7 @@ impl<'a> Session<'a> {
             terminate: false,
             stmts: ClientStatements::default(),
             replies: Replies::default(),
+            meter: Default::default(),
         }
     }
 
@@ -125,6 +135,21 @@ impl<'a> Session<'a> {
     /// parameters brought in line. Re-reads the route so a changed route takes effect at the
     /// next transaction.
     async fn attach(&mut self) -> Result<Checkout, RouterError> {
+        // Through the tenant's gate first: a paused tenant holds the client here, and the
+        // route read below is the one in force when the pause ended.
+        if self.pass.is_none() {
+            let pass = match self.gate.try_enter() {
+                Some(pass) => pass,
+                None => {
+                    let s = self.proxy.settings();
+                    self.gate
+                        .enter(s.pause_hold, s.max_held_clients)
+                        .await
+                        .map_err(|held| paused_error(&self.route.name, held))?
+                }
+            };
+            self.pass = Some(pass);
+        }
         let table = self.proxy.table.load();
         if let Some(current) = table.tenant(&self.route.name) {
             if !Arc::ptr_eq(current, &self.route) {
@@ -225,6 +250,7 @@ impl<'a> Session<'a> {
         );
         self.slot.detach();
         self.pool.release(co);
+        self.pass = None;
     }
 
     /// Sends the rest of the startup (AuthenticationOk, parameters, key, ReadyForQuery) and
@@ -367,6 +393,7 @@ impl<'a> Session<'a> {
     }
 
     async fn fail(mut self, e: RouterError) {
+        self.pool.stats.error(e.code.as_bytes());
         let mut out = BytesMut::new();
         e.encode(&mut out);
         let _ = self.client.write_all(&out).await;
@@ -427,6 +454,7 @@ impl<'a> Session<'a> {
             let n = pass.min(self.cin.len());
             forward(&mut self.cin, &mut self.cout, n);
             self.cscan.remaining = pass - n;
+            self.meter.request();
             if transaction && self.sscan.remaining == 0 {
                 self.replies.pump(&mut self.sout);
             }
@@ -453,7 +481,7 @@ impl<'a> Session<'a> {
                 return Ok(false);
             };
             // Both modes track replies (session mode to know when the server is idle).
-            let whole = self.replies.needs_whole(h.tag) || matches!(h.tag, b'Z' | b'S');
+            let whole = self.replies.needs_whole(h.tag) || matches!(h.tag, b'Z' | b'S' | b'E');
             if whole && self.sin.len() < h.wire_len {
                 return Ok(false);
             }
@@ -465,6 +493,9 @@ impl<'a> Session<'a> {
                 let _ = self.sin.split_to(h.wire_len);
                 continue;
             }
+            if h.tag == b'E' {
+                crate::metrics::count_error(&self.pool.stats, &self.sin[5..h.wire_len]);
+            }
             match h.tag {
                 b'Z' | b'S' => {
                     if self.sin.len() < h.wire_len {
@@ -473,6 +504,8 @@ impl<'a> Session<'a> {
                     let body = &self.sin[5..h.wire_len];
                     if h.tag == b'Z' {
                         self.status = body.first().copied().unwrap_or(b'I');
+                        let pending = !self.replies.is_empty();
+                        self.meter.ready(&self.pool.stats, self.status, pending);
                     } else if let Some((name, value)) = parameter_status(body) {
                         co.conn.set_param(&name, &value);
                         // Changed behind the sync's back: compare fully at the next checkout.
@@ -557,13 +590,13 @@ impl<'a> Session<'a> {
                     if r.is_err() { break Attached::ServerGone; }
                 }
                 r = cw.write_buf(&mut self.sout), if !self.sout.is_empty() => {
-                    if r.is_err() { break Attached::ClientGone; }
+                    match r { Ok(n) => self.meter.bytes_out += n as u64, Err(_) => break Attached::ClientGone }
                 }
                 r = sr.read_buf(&mut self.sin), if read_server => {
                     if !matches!(r, Ok(n) if n > 0) { break Attached::ServerGone; }
                 }
                 r = cr.read_buf(&mut self.cin), if read_client => {
-                    if !matches!(r, Ok(n) if n > 0) { break Attached::ClientGone; }
+                    match r { Ok(n) if n > 0 => self.meter.bytes_in += n as u64, _ => break Attached::ClientGone }
                 }
                 _ = shutdown.cancelled(), if idle_point => break Attached::Shutdown,
             }
@@ -613,10 +646,10 @@ impl<'a> Session<'a> {
             tokio::select! {
                 biased;
                 r = cw.write_buf(&mut self.sout), if !self.sout.is_empty() => {
-                    if r.is_err() { return Idle::End(None); }
+                    match r { Ok(n) => self.meter.bytes_out += n as u64, Err(_) => return Idle::End(None) }
                 }
                 r = cr.read_buf(&mut self.cin) => {
-                    if !matches!(r, Ok(n) if n > 0) { return Idle::End(None); }
+                    match r { Ok(n) if n > 0 => self.meter.bytes_in += n as u64, _ => return Idle::End(None) }
                 }
                 _ = shutdown.cancelled(), if self.sout.is_empty() => return Idle::End(Some(shutting_down())),
             }
@@ -677,6 +710,20 @@ fn session_only_error(feature: &str, tenant: &str) -> RouterError {
     .with_hint(format!(
         "Use session pooling for this tenant: `podrouter tenants set-mode {tenant} session`, or a transaction-scoped alternative (pg_advisory_xact_lock)."
     ))
+}
+
+fn paused_error(tenant: &str, held: Held) -> RouterError {
+    let (message, hint) = match held {
+        Held::QueueFull { limit, reason } => (
+            format!("podrouter: tenant \"{tenant}\" is paused by {reason} and {limit} clients already wait"),
+            "Retry in a moment; operators can raise moves.max_held_clients.".to_owned(),
+        ),
+        Held::TimedOut { waited, reason } => (
+            format!("podrouter: tenant \"{tenant}\" is paused by {reason} and did not resume within {waited:?}"),
+            format!("Retry later; an operator resumes it with POST /v1/tenants/{tenant}/resume."),
+        ),
+    };
+    RouterError::fatal(sqlstate::TOO_MANY_CONNECTIONS, message).with_hint(hint)
 }
 
 fn violation(e: FrameError) -> RouterError {

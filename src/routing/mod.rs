@@ -8,6 +8,7 @@
 //! 3. old sessions keep the `Arc`s they hold and finish on the old route; pools keyed by an
 //!    old route are retired when idle.
 
+pub mod pause;
 pub mod placement;
 pub mod replica;
 
@@ -156,6 +157,36 @@ impl RoutingTable {
             tenants,
             roles,
         }
+    }
+
+    /// This table with one tenant routed to `pod` at `route_version` and active: what a
+    /// live move stores right after its route switch commits, without a catalog round trip.
+    /// None when the tenant or the pod is unknown here.
+    pub fn with_tenant_moved(
+        &self,
+        tenant: &str,
+        pod: &str,
+        route_version: i64,
+    ) -> Option<RoutingTable> {
+        let old = self.tenants.get(tenant)?;
+        let pod = self.pods.get(pod)?.clone();
+        let mut tenants = self.tenants.clone();
+        tenants.insert(
+            tenant.to_owned(),
+            Arc::new(TenantRoute {
+                name: old.name.clone(),
+                pod,
+                route_version,
+                state: "active".into(),
+                grants: old.grants.clone(),
+                pool_mode: old.pool_mode,
+            }),
+        );
+        Some(RoutingTable {
+            pods: self.pods.clone(),
+            tenants,
+            roles: self.roles.clone(),
+        })
     }
 
     pub fn tenant(&self, name: &str) -> Option<&Arc<TenantRoute>> {

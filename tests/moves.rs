@@ -1,0 +1,418 @@
+//! Live tenant moves over real pods: under a pgbench load with nothing lost, tables without a
+//! primary key, sequences, cancellation in each phase, a target that dies, a router killed
+//! mid-move, and two moves at once. DESIGN.md "Live move" has the four invariants.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// Starts a move through the admin API; returns the job id.
+async fn start_move(f: &TestFleet, tenant: &str, to: &str) -> i64 {
+    let (status, job) = f
+        .admin(
+            "POST",
+            &format!("/v1/tenants/{tenant}/move"),
+            Some(json!({ "to": to })),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 202, "{job}");
+    job["id"].as_i64().expect("job id")
+}
+
+async fn job(f: &TestFleet, id: i64) -> Value {
+    let (status, j) = f.admin("GET", &format!("/v1/jobs/{id}"), None).await;
+    assert_eq!(status.as_u16(), 200, "{j}");
+    j
+}
+
+async fn wait_job(f: &TestFleet, id: i64, within: Duration) -> Value {
+    wait_for(&format!("job {id} to end"), within, || async {
+        let j = job(f, id).await;
+        matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+        .then_some(j)
+    })
+    .await
+}
+
+async fn wait_phase(f: &TestFleet, id: i64, phase: &str, within: Duration) {
+    wait_for(&format!("job {id} to reach {phase}"), within, || async {
+        let j = job(f, id).await;
+        assert!(
+            matches!(j["state"].as_str(), Some("pending" | "running")),
+            "job ended before {phase}: {j}"
+        );
+        (j["phase"] == phase).then_some(())
+    })
+    .await
+}
+
+async fn tenant_pod(f: &TestFleet, tenant: &str) -> (String, String) {
+    let (_, t) = f.admin("GET", &format!("/v1/tenants/{tenant}"), None).await;
+    (
+        t["pod"].as_str().unwrap().to_owned(),
+        t["state"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Every trace a move of `tenant` from pod `src` to pod `dst` could leave behind.
+async fn leftovers(f: &TestFleet, tenant: &str, src: usize, dst: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let s = pod_admin(&f.pods[src], "postgres").await;
+    for r in s
+        .query(
+            "select slot_name::text from pg_replication_slots where slot_name like 'podrouter%' or slot_name like 'pg\\_%\\_sync\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        found.push(format!("slot {} on source", r.get::<_, String>(0)));
+    }
+    let allow: bool = s
+        .query_one(
+            "select datallowconn from pg_database where datname = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if !allow {
+        found.push("source database still fenced".into());
+    }
+    let sdb = pod_admin(&f.pods[src], tenant).await;
+    for r in sdb
+        .query("select pubname::text from pg_publication", &[])
+        .await
+        .unwrap()
+    {
+        found.push(format!("publication {} on source", r.get::<_, String>(0)));
+    }
+    let full: i64 = sdb
+        .query_one(
+            "select count(*) from pg_class where relreplident = 'f' and relkind = 'r'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if full > 0 {
+        found.push(format!("{full} tables left with REPLICA IDENTITY FULL"));
+    }
+    let d = pod_admin(&f.pods[dst], "postgres").await;
+    if d.query_opt("select 1 from pg_database where datname = $1", &[&tenant])
+        .await
+        .unwrap()
+        .is_some()
+    {
+        found.push("database on target".into());
+    }
+    let subs: i64 = d
+        .query_one("select count(*) from pg_subscription", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if subs > 0 {
+        found.push(format!("{subs} subscriptions on target"));
+    }
+    found
+}
+
+/// A tenant with a few hundred thousand rows, so the copy takes a moment.
+async fn fill(f: &TestFleet, tenant: &str, rows: i64) {
+    let c = f.connect(tenant).await;
+    c.batch_execute(&format!(
+        "create table items (id bigserial primary key, body text not null);
+         insert into items (body) select repeat(md5(g::text), 4) from generate_series(1, {rows}) g;
+         create table notes (k int, v text);  -- no primary key
+         insert into notes select g, 'n' || g from generate_series(1, 1000) g;"
+    ))
+    .await
+    .unwrap();
+}
+
+fn pgbench(args: &[&str], url: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(tool("pgbench"));
+    cmd.args(args).arg(url).kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_under_pgbench_load_loses_nothing() {
+    let f = TestFleet::start(Options {
+        pods: 2,
+        pool_size: 8,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("bank", 0).await;
+    let url = f.app_url("bank");
+    let init = pgbench(&["-i", "-s", "2", "-q"], &url)
+        .output()
+        .await
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let load = pgbench(&["-n", "-c", "8", "-j", "2", "-T", "20"], &url)
+        .output();
+    let load = tokio::spawn(load);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let id = start_move(&f, "bank", "pod1").await;
+    let done = wait_job(&f, id, Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = load.await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !stdout.contains("number of failed transactions: ") || stdout.contains("number of failed transactions: 0 "),
+        "{stdout}"
+    );
+    let processed: i64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|l| l.split('/').next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("pgbench summary");
+    assert!(processed > 100, "{stdout}");
+    assert_eq!(tenant_pod(&f, "bank").await, ("pod1".into(), "active".into()));
+    // Invariant on the target: every balance change is in history, once.
+    let t = pod_admin(&f.pods[1], "bank").await;
+    let r = t
+        .query_one(
+            "select (select sum(abalance) from pgbench_accounts)::int8, (select sum(bbalance) from pgbench_branches)::int8,
+                    (select sum(tbalance) from pgbench_tellers)::int8, (select coalesce(sum(delta), 0) from pgbench_history)::int8,
+                    (select count(*) from pgbench_history)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (a, b, te, d, n): (i64, i64, i64, i64, i64) = (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+    assert!(a == b && b == te && te == d, "balances differ on the target: {a} {b} {te} {d}");
+    assert_eq!(n, processed, "history rows vs transactions processed");
+    let pause = done["result"]["pause_ms"].as_u64().expect("pause_ms");
+    assert!(pause < 2000, "pause {pause} ms");
+    // The source database is kept, renamed and closed; no replication object remains.
+    let s = pod_admin(&f.pods[0], "postgres").await;
+    let kept = done["result"]["source_kept_as"].as_str().expect("kept");
+    let allow: bool = s
+        .query_one("select datallowconn from pg_database where datname = $1", &[&kept])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!allow);
+    let slots: i64 = s
+        .query_one("select count(*) from pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+    let subs: i64 = t
+        .query_one("select count(*) from pg_subscription", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(subs, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_without_a_key_and_sequences_survive_a_move() {
+    let f = TestFleet::start(Options::default()).await;
+    f.tenant("shop", 0).await;
+    fill(&f, "shop", 20_000).await;
+    // A writer that keeps updating the keyless table and inserting with the sequence.
+    let writer = {
+        let c = f.connect("shop").await;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut n = 0;
+            while started.elapsed() < Duration::from_secs(60) {
+                c.execute("update notes set v = v || '.' where k = $1", &[&((n % 1000) + 1)])
+                    .await
+                    .expect("update during the move");
+                c.execute("insert into items (body) values ('during')", &[])
+                    .await
+                    .expect("insert during the move");
+                n += 1;
+                if n >= 400 && started.elapsed() > Duration::from_secs(3) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = start_move(&f, "shop", "pod1").await;
+    let done = wait_job(&f, id, Duration::from_secs(120)).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["result"]["replica_identity_full"], 1, "{done}");
+    let n = writer.await.unwrap();
+    let c = f.connect("shop").await;
+    // Every update reached the target: the dots add up.
+    let dots: i64 = c
+        .query_one("select sum(length(v) - length(replace(v, '.', '')))::int8 from notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dots, n as i64);
+    // The sequence continues after the last id: no duplicate key.
+    let max: i64 = c.query_one("select max(id) from items", &[]).await.unwrap().get(0);
+    let next: i64 = c
+        .query_one("insert into items (body) values ('after') returning id", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(next > max, "next id {next} <= max {max}");
+    let rows: i64 = c.query_one("select count(*) from items", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 20_000 + n as i64 + 1);
+    // On the target, the keyless table has its own identity back (default).
+    let t = pod_admin(&f.pods[1], "shop").await;
+    let ident: i8 = t
+        .query_one("select relreplident::text::\"char\" from pg_class where relname = 'notes'", &[])
+        .await
+        .map(|r| r.get::<_, i8>(0))
+        .unwrap_or(b'd' as i8);
+    assert_eq!(ident as u8, b'd');
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_in_each_phase_leaves_the_tenant_where_it_was() {
+    let f = TestFleet::start(Options {
+        pods: 2,
+        config_extra: "\n[moves]\npause_deadline = \"20s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    f.tenant("acme", 0).await;
+    fill(&f, "acme", 300_000).await;
+    let check = |label: &'static str| {
+        let f = &f;
+        async move {
+            assert_eq!(tenant_pod(f, "acme").await, ("pod0".into(), "active".into()), "{label}");
+            assert_eq!(leftovers(f, "acme", 0, 1).await, Vec::<String>::new(), "{label}");
+            let c = f.connect("acme").await;
+            c.execute("insert into items (body) values ($1)", &[&label])
+                .await
+                .unwrap_or_else(|e| panic!("{label}: writes fail after the cancel: {e}"));
+        }
+    };
+    // Right away (preflight or schema).
+    let id = start_move(&f, "acme", "pod1").await;
+    let (status, _) = f.admin("DELETE", &format!("/v1/jobs/{id}"), None).await;
+    assert_eq!(status.as_u16(), 202);
+    let j = wait_job(&f, id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "cancelled", "{j}");
+    check("early").await;
+
+    // During the initial copy.
+    let id = start_move(&f, "acme", "pod1").await;
+    wait_phase(&f, id, "copy", Duration::from_secs(60)).await;
+    f.admin("DELETE", &format!("/v1/jobs/{id}"), None).await;
+    let j = wait_job(&f, id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "cancelled", "{j}");
+    check("copy").await;
+
+    // During catch-up: a long write transaction on the source holds the move there.
+    let direct = pod_admin(&f.pods[0], "acme").await;
+    direct.batch_execute("begin; insert into items (body) values ('long')").await.unwrap();
+    let id = start_move(&f, "acme", "pod1").await;
+    wait_phase(&f, id, "catch_up", Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(job(&f, id).await["phase"], "catch_up");
+    f.admin("DELETE", &format!("/v1/jobs/{id}"), None).await;
+    let j = wait_job(&f, id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "cancelled", "{j}");
+    direct.batch_execute("rollback").await.unwrap();
+    check("catch_up").await;
+
+    // During the cutover: a client's open transaction keeps the pause waiting.
+    let client = f.connect("acme").await;
+    let id = start_move(&f, "acme", "pod1").await;
+    wait_phase(&f, id, "catch_up", Duration::from_secs(90)).await;
+    client.batch_execute("begin; select 1").await.unwrap();
+    wait_phase(&f, id, "cutover", Duration::from_secs(60)).await;
+    // A new client's query is held at the gate meanwhile, not failed.
+    let held = {
+        let c = f.connect("acme").await;
+        tokio::spawn(async move { c.query_one("select count(*) from items", &[]).await.map(|r| r.get::<_, i64>(0)) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    f.admin("DELETE", &format!("/v1/jobs/{id}"), None).await;
+    let j = wait_job(&f, id, Duration::from_secs(60)).await;
+    assert_eq!(j["state"], "cancelled", "{j}");
+    assert!(held.await.unwrap().expect("the held query runs after the cancel") > 0);
+    client.batch_execute("commit").await.unwrap();
+    check("cutover").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_dies_during_the_copy_aborts_the_move_cleanly() {
+    let mut f = TestFleet::start(Options::default()).await;
+    f.tenant("acme", 0).await;
+    fill(&f, "acme", 300_000).await;
+    let id = start_move(&f, "acme", "pod1").await;
+    wait_phase(&f, id, "copy", Duration::from_secs(60)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(f.pods[1].pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let j = wait_job(&f, id, Duration::from_secs(120)).await;
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"].as_str().unwrap().contains("pod1"), "{j}");
+    // The tenant works on its source at once.
+    assert_eq!(tenant_pod(&f, "acme").await, ("pod0".into(), "active".into()));
+    let c = f.connect("acme").await;
+    c.execute("insert into items (body) values ('after')", &[]).await.unwrap();
+    // Once the target is back, the janitor removes what was left there.
+    f.pods[1].start().await.unwrap();
+    wait_for("no leftovers after the target returns", Duration::from_secs(60), || async {
+        leftovers(&f, "acme", 0, 1).await.is_empty().then_some(())
+    })
+    .await;
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_moves_at_once_and_a_second_move_of_the_same_tenant_is_refused() {
+    let f = TestFleet::start(Options {
+        pods: 3,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("one", 0).await;
+    f.tenant("two", 1).await;
+    fill(&f, "one", 20_000).await;
+    fill(&f, "two", 20_000).await;
+    let a = start_move(&f, "one", "pod2").await;
+    let b = start_move(&f, "two", "pod0").await;
+    let (status, e) = f
+        .admin("POST", "/v1/tenants/one/move", Some(json!({"to": "pod1"})))
+        .await;
+    assert_eq!(status.as_u16(), 409, "{e}");
+    let (status, e) = f
+        .admin("POST", "/v1/tenants/nosuch/move", Some(json!({"to": "pod1"})))
+        .await;
+    assert_eq!(status.as_u16(), 404, "{e}");
+    let (status, e) = f
+        .admin("POST", "/v1/tenants/two/move", Some(json!({"to": "nosuch"})))
+        .await;
+    assert!(status.as_u16() == 404 || status.as_u16() == 409, "{e}");
+    for id in [a, b] {
+        let j = wait_job(&f, id, Duration::from_secs(120)).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+    assert_eq!(tenant_pod(&f, "one").await.0, "pod2");
+    assert_eq!(tenant_pod(&f, "two").await.0, "pod0");
+    for t in ["one", "two"] {
+        let c = f.connect(t).await;
+        let n: i64 = c.query_one("select count(*) from items", &[]).await.unwrap().get(0);
+        assert_eq!(n, 20_000);
+    }
+    // A finished job cannot be cancelled.
+    let (status, _) = f.admin("DELETE", &format!("/v1/jobs/{a}"), None).await;
+    assert_eq!(status.as_u16(), 409);
+}
