@@ -147,6 +147,47 @@ async fn read_startup(proxy: &Proxy, stream: &mut ClientStream) -> Result<Startu
     Err(protocol_violation("too many encryption requests").into())
 }
 
+/// Answers a connection the router will not serve, before any authentication: encryption
+/// requests get 'N', a cancel request is passed on, the startup packet gets `e` as the FATAL
+/// error a client shows (replying only after reading the packet, so the client is not reset
+/// before it reads the reason). Bounded by `within`; reads a few small packets at most.
+pub async fn refuse(
+    proxy: &Proxy,
+    mut stream: tokio::net::TcpStream,
+    e: &RouterError,
+    within: std::time::Duration,
+) {
+    let answer = async {
+        for _ in 0..3 {
+            let mut len = [0u8; 4];
+            stream.read_exact(&mut len).await?;
+            let body_len = framing::startup_body_len(len)
+                .ok()
+                .filter(|n| *n <= MAX_AUTH_MESSAGE)
+                .ok_or(std::io::ErrorKind::InvalidData)?;
+            let mut body = vec![0u8; body_len];
+            stream.read_exact(&mut body).await?;
+            match framing::parse_startup(&body) {
+                Ok(Startup::SslRequest | Startup::GssEncRequest) => stream.write_all(b"N").await?,
+                Ok(Startup::Cancel { pid, secret }) => {
+                    if let Some(target) = proxy.cancels.lookup(pid, secret) {
+                        super::cancel::send_cancel(target).await;
+                    }
+                    return Ok(());
+                }
+                _ => {
+                    let mut out = BytesMut::new();
+                    e.encode(&mut out);
+                    stream.write_all(&out).await?;
+                    return stream.shutdown().await;
+                }
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(within, answer).await;
+}
+
 /// Reads one whole tagged message during authentication.
 async fn read_auth_message(
     stream: &mut ClientStream,
