@@ -10,6 +10,7 @@
 use super::server::{Credentials, ServerConn, ServerError};
 use super::tls::PodTls;
 use crate::config::PgEndpoint;
+use crate::metrics::{BusyTimer, StatsMap, TenantStats};
 use crate::protocol::scram::Verifier;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -181,6 +182,8 @@ pub struct Pool {
     /// Prepared statements known to parse on this pool's servers.
     pub known: super::prepared::KnownStatements,
     pod_tls: PodTls,
+    /// The (pod, tenant)'s counters, shared with its other pools (crate::metrics).
+    pub stats: Arc<TenantStats>,
 }
 
 struct PoolAuth {
@@ -193,6 +196,8 @@ struct PoolAuth {
 pub struct Checkout {
     pub conn: ServerConn,
     _permit: OwnedSemaphorePermit,
+    /// Adds the time it is checked out to the tenant's server busy time.
+    _busy: BusyTimer,
 }
 
 impl Pool {
@@ -206,8 +211,20 @@ impl Pool {
         }
     }
 
+    /// A server connection for this pool's tenant and role: an idle one, or a new one.
+    /// The time it takes is the tenant's pool wait.
     pub async fn checkout(&self, limits: &PoolLimits) -> Result<Checkout, CheckoutError> {
         let started = tokio::time::Instant::now();
+        let co = self.take_server(limits, started).await;
+        self.stats.pool_wait.observe(started.elapsed());
+        co
+    }
+
+    async fn take_server(
+        &self,
+        limits: &PoolLimits,
+        started: tokio::time::Instant,
+    ) -> Result<Checkout, CheckoutError> {
         let permit = match self.capacity.try_take() {
             Some(p) => p,
             None => {
@@ -236,6 +253,7 @@ impl Pool {
                         return Ok(Checkout {
                             conn: c,
                             _permit: permit,
+                            _busy: BusyTimer::start(&self.stats),
                         });
                     }
                 }
@@ -243,6 +261,7 @@ impl Pool {
                     return Ok(Checkout {
                         conn: c,
                         _permit: permit,
+                        _busy: BusyTimer::start(&self.stats),
                     })
                 }
                 None => break,
@@ -270,6 +289,7 @@ impl Pool {
         Ok(Checkout {
             conn,
             _permit: permit,
+            _busy: BusyTimer::start(&self.stats),
         })
     }
 
@@ -319,6 +339,8 @@ pub struct Pools {
     pods: Mutex<HashMap<(String, PgEndpoint), Arc<PodSlots>>>,
     /// How new server connections negotiate TLS (`tls.pod_tls`, restart-only).
     pod_tls: PodTls,
+    /// Per (pod, tenant) counters; each pool holds its own's.
+    pub tenant_stats: StatsMap,
 }
 
 impl Pools {
@@ -366,6 +388,7 @@ impl Pools {
             }),
             known: Default::default(),
             pod_tls: self.pod_tls.clone(),
+            stats: self.tenant_stats.get(&key.pod, &key.tenant),
         });
         pod.pools.lock().push(Arc::downgrade(&pool));
         map.insert(key, pool.clone());
