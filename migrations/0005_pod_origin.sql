@@ -5,3 +5,7 @@
 ALTER TABLE pods ADD COLUMN origin text NOT NULL DEFAULT 'config'
     CHECK (origin IN ('config', 'api'));
 ALTER TABLE pods ALTER COLUMN origin SET DEFAULT 'api';
+
+-- One unfinished drain per pod (a second `POST /v1/pods/{pod}/drain` is a conflict).
+CREATE UNIQUE INDEX jobs_one_drain_per_pod ON jobs (pod)
+    WHERE kind = 'drain' AND state IN ('pending', 'running');

@@ -140,3 +140,246 @@ pub fn print_table(items: &[Value], columns: &[&str]) {
         println!("{}", line(r));
     }
 }
+
+// === jobs ===
+
+/// How a followed job ended, and the exit status the CLI gives for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEnd {
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// The user stopped waiting (a second Ctrl-C); the job goes on or ends by itself.
+    Abandoned,
+}
+
+impl JobEnd {
+    /// 0 succeeded, 1 failed, 2 cancelled, 130 (SIGINT) when the user stopped waiting.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            JobEnd::Succeeded => 0,
+            JobEnd::Failed => 1,
+            JobEnd::Cancelled => 2,
+            JobEnd::Abandoned => 130,
+        }
+    }
+}
+
+/// How often a followed job is read.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long the admin API may be unreachable while a job is followed.
+const FOLLOW_OUTAGE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `done/total unit` of a job's progress, bytes in human units.
+pub fn progress_text(p: &Value) -> String {
+    let (done, total) = (p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+    let unit = p["unit"].as_str().unwrap_or("");
+    match unit {
+        "bytes" => format!(
+            "{} of {}",
+            indicatif::HumanBytes(done),
+            indicatif::HumanBytes(total)
+        ),
+        "bytes behind" => format!("{} behind", indicatif::HumanBytes(total)),
+        _ if total == 0 => String::new(),
+        u => format!("{done} of {total} {u}"),
+    }
+}
+
+/// What a job is about: `move acme → pod1`, `drain pod0`.
+fn job_title(job: &Value) -> String {
+    let kind = job["kind"].as_str().unwrap_or("job");
+    match (job["tenant"].as_str(), job["pod"].as_str()) {
+        (Some(t), Some(p)) => format!("{kind} {t} → {p}"),
+        (Some(t), None) => format!("{kind} {t}"),
+        (None, Some(p)) => format!("{kind} {p}"),
+        (None, None) => kind.to_owned(),
+    }
+}
+
+/// The jobs list as table rows (progress as text).
+pub fn job_rows(jobs: &[Value]) -> Vec<Value> {
+    jobs.iter()
+        .map(|j| {
+            let mut row = j.clone();
+            row["progress"] = Value::String(progress_text(&j["progress"]));
+            row
+        })
+        .collect()
+}
+
+pub const JOB_COLUMNS: &[&str] = &[
+    "id", "kind", "state", "phase", "progress", "tenant", "pod", "parent", "started_at", "error",
+];
+
+/// Where a followed job's progress goes: a bar on a terminal, phase lines otherwise.
+enum Display {
+    Bar(indicatif::ProgressBar),
+    /// Phase lines on stdout (or stderr with --json, whose stdout is the final JSON).
+    Lines { to_stderr: bool },
+}
+
+impl Display {
+    fn new(json: bool) -> Display {
+        use std::io::IsTerminal;
+        if json || !std::io::stdout().is_terminal() {
+            return Display::Lines { to_stderr: json };
+        }
+        let bar = indicatif::ProgressBar::new(0);
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Display::Bar(bar)
+    }
+
+    fn line(&self, text: &str) {
+        match self {
+            Display::Bar(b) => b.println(text),
+            Display::Lines { to_stderr: true } => eprintln!("{text}"),
+            Display::Lines { to_stderr: false } => println!("{text}"),
+        }
+    }
+
+    /// Shows the job's progress; `changed` when its phase or state is new.
+    fn update(&self, job: &Value, changed: bool, started: std::time::Instant) {
+        let phase = job["phase"].as_str().unwrap_or("?");
+        let progress = progress_text(&job["progress"]);
+        match self {
+            Display::Bar(b) => {
+                let p = &job["progress"];
+                let (done, total) = (p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+                let counted = total > 0 && p["unit"] != "bytes behind";
+                let template = match (counted, p["unit"].as_str()) {
+                    (false, _) => "{spinner} {prefix} {msg}",
+                    (true, Some("bytes")) => {
+                        "{spinner} {prefix} {msg} [{bar:30}] {bytes}/{total_bytes} ({eta})"
+                    }
+                    (true, _) => "{spinner} {prefix} {msg} [{bar:30}] {pos}/{len}",
+                };
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(template)
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                );
+                b.set_prefix(format!("job {} {}", job["id"], job_title(job)));
+                b.set_length(total);
+                b.set_position(done.min(total));
+                b.set_message(match (counted, progress.is_empty()) {
+                    (false, false) => format!("{phase}: {progress}"),
+                    _ => phase.to_owned(),
+                });
+                if changed {
+                    b.println(format!("[{:6.1}s] {phase}", started.elapsed().as_secs_f64()));
+                }
+            }
+            Display::Lines { .. } if changed => self.line(&format!(
+                "[{:6.1}s] job {} {}: {phase}{}",
+                started.elapsed().as_secs_f64(),
+                job["id"],
+                job_title(job),
+                if progress.is_empty() { String::new() } else { format!(" ({progress})") }
+            )),
+            Display::Lines { .. } => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Display::Bar(b) = self {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Follows job `id` until it ends, showing its phase and progress. Ctrl-C cancels the job
+/// (`DELETE /v1/jobs/{id}`) and goes on waiting for it to end (it rolls back); a second
+/// Ctrl-C stops waiting. Returns how it ended and the job as last read.
+pub async fn follow_job(
+    client: &AdminClient,
+    id: i64,
+    json: bool,
+) -> Result<(JobEnd, Value), CliError> {
+    let display = Display::new(json);
+    let started = std::time::Instant::now();
+    let mut last_seen: Option<(String, String)> = None;
+    let mut last_ok = std::time::Instant::now();
+    let mut cancel_sent = false;
+    // From here on Ctrl-C (SIGINT) cancels the job instead of killing the CLI.
+    let mut interrupts =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| CliError::Usage(format!("cannot handle Ctrl-C: {e}")))?;
+    loop {
+        let job = match client.call(reqwest::Method::GET, &format!("/v1/jobs/{id}"), None).await {
+            Ok(job) => {
+                last_ok = std::time::Instant::now();
+                job
+            }
+            Err(e @ CliError::Unreachable { .. }) if last_ok.elapsed() < FOLLOW_OUTAGE => {
+                tracing::debug!("admin API unreachable while following job {id}: {e}");
+                tokio::time::sleep(FOLLOW_POLL).await;
+                continue;
+            }
+            Err(e) => {
+                display.finish();
+                return Err(e);
+            }
+        };
+        let state = job["state"].as_str().unwrap_or("?").to_owned();
+        let now = (state.clone(), job["phase"].as_str().unwrap_or("?").to_owned());
+        let changed = last_seen.as_ref() != Some(&now);
+        display.update(&job, changed, started);
+        last_seen = Some(now);
+        let end = match state.as_str() {
+            "succeeded" => Some(JobEnd::Succeeded),
+            "failed" => Some(JobEnd::Failed),
+            "cancelled" => Some(JobEnd::Cancelled),
+            _ => None,
+        };
+        if let Some(end) = end {
+            display.finish();
+            return Ok((end, job));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(FOLLOW_POLL) => {}
+            _ = interrupts.recv() => {
+                if cancel_sent {
+                    display.finish();
+                    eprintln!("podrouter: stopped waiting; job {id} goes on ending by itself (`podrouter jobs {id}`)");
+                    return Ok((JobEnd::Abandoned, job));
+                }
+                cancel_sent = true;
+                display.line(&format!("cancelling job {id} (it rolls back; Ctrl-C again to stop waiting)"));
+                match client.call(reqwest::Method::DELETE, &format!("/v1/jobs/{id}"), None).await {
+                    Ok(_) => {}
+                    // It ended meanwhile: the next read says how.
+                    Err(CliError::Api { code, .. }) if code == "job_finished" => {}
+                    Err(e) => display.line(&format!("podrouter: cannot cancel job {id}: {e}")),
+                }
+            }
+        }
+    }
+}
+
+/// One line saying how a job ended, e.g. `job 12 move acme → pod1 succeeded in 3.1 s (pause 40 ms)`.
+pub fn job_summary(job: &Value) -> String {
+    let state = job["state"].as_str().unwrap_or("?");
+    let mut s = format!("job {} {} {state}", job["id"], job_title(job));
+    let secs = match (job["started_at"].as_str(), job["finished_at"].as_str()) {
+        (Some(a), Some(b)) => chrono::DateTime::parse_from_rfc3339(b)
+            .ok()
+            .zip(chrono::DateTime::parse_from_rfc3339(a).ok())
+            .map(|(b, a)| (b - a).num_milliseconds() as f64 / 1000.0),
+        _ => None,
+    };
+    if let Some(secs) = secs {
+        s.push_str(&format!(" in {secs:.1} s"));
+    }
+    let r = &job["result"];
+    if let Some(ms) = r["pause_ms"].as_u64() {
+        s.push_str(&format!(" (clients paused {ms} ms)"));
+    }
+    if let Some(moved) = r["moved"].as_array() {
+        s.push_str(&format!(" ({} tenant(s) moved)", moved.len()));
+    }
+    if let Some(e) = job["error"].as_str() {
+        s.push_str(&format!(": {e}"));
+    }
+    s
+}

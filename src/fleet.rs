@@ -18,6 +18,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod pods;
+pub use pods::NewPod;
+
 /// What kind of failure, which decides the HTTP status in one place (admin::AppError).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -83,6 +86,9 @@ pub struct PodView {
     pub tenants: usize,
     /// The primary's: "up", "up (in recovery)" or "down: why".
     pub health: String,
+    /// "config" (from pods.toml: reloads manage it) or "api" (added through the admin API
+    /// or a pod provider: only the API deletes it).
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -482,6 +488,7 @@ impl Fleet {
             .cloned()
             .collect();
         let probed_now = health::probe_pods_now(&unprobed).await;
+        let mut origins = crate::catalog::pods::origins(self.catalog.pool()).await?;
         Ok(snap
             .pods
             .iter()
@@ -499,6 +506,9 @@ impl Fleet {
                     accepting: p.accepting,
                     tenants: snap.tenants.iter().filter(|t| t.pod == p.name).count(),
                     health: h.primary.primary_status(),
+                    origin: origins
+                        .remove(&p.name)
+                        .unwrap_or_else(|| crate::catalog::pods::ORIGIN_API.into()),
                 }
             })
             .collect())
@@ -752,49 +762,6 @@ impl Fleet {
             "pod": t.pod,
             "database_dropped": drop_database,
         }))
-    }
-
-    /// Registers a new pod (from a pod provider) in the catalog, audited, once its primary
-    /// answers; new tenants may be placed there and moves may target it. A pod of that name
-    /// that exists already is a conflict.
-    pub async fn add_pod(
-        &self,
-        name: &str,
-        primary: &str,
-        actor: &str,
-        detail: serde_json::Value,
-    ) -> Result<(), FleetError> {
-        if !config::valid_name(name) {
-            return Err(FleetError::new(
-                ErrorKind::BadRequest,
-                "invalid_pod_name",
-                format!("pod name {name:?} is not usable: {}", config::NAME_RULE),
-            ));
-        }
-        config::parse_pg_url(primary).map_err(|e| {
-            FleetError::new(ErrorKind::BadRequest, "invalid_pod_url", format!("{e}; write postgres://USER[:PASSWORD]@HOST[:PORT]"))
-        })?;
-        let conn = podadmin::connect(primary, None)
-            .await
-            .map_err(|e| pod_unreachable(name, &e))?;
-        let _ = sqlx::Connection::close(conn).await;
-        let row = PodRow {
-            name: name.to_owned(),
-            primary_url: primary.to_owned(),
-            replicas: Vec::new(),
-            http: Vec::new(),
-            weight: 1.0,
-            accepting: true,
-            pool_mode: None,
-        };
-        if !self.catalog.add_pod(&row, actor, detail).await? {
-            return Err(FleetError::new(
-                ErrorKind::Conflict,
-                "pod_exists",
-                format!("pod {name:?} already exists; list pods with GET /v1/pods"),
-            ));
-        }
-        self.reload_routes().await
     }
 
     /// Finishes what a crash interrupted: tenants left in 'creating' are rolled back.

@@ -186,3 +186,31 @@ pub(crate) fn short(e: &sqlx::Error) -> String {
         other => other.to_string(),
     }
 }
+
+/// What the admin user of a server may do, and whether the server is a primary.
+#[derive(Debug, Clone)]
+pub struct AdminFacts {
+    pub user: String,
+    pub superuser: bool,
+    pub createdb: bool,
+    pub createrole: bool,
+    pub in_recovery: bool,
+}
+
+/// Checks a would-be pod primary before it is registered (`Fleet::add_pod`).
+pub async fn admin_facts(conn: &mut PgConnection) -> Result<AdminFacts> {
+    let row = sqlx::query(
+        "SELECT current_user::text AS user, rolsuper, rolcreatedb, rolcreaterole, pg_is_in_recovery() AS in_recovery
+           FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(conn)
+    .await?;
+    use sqlx::Row;
+    Ok(AdminFacts {
+        user: row.try_get("user")?,
+        superuser: row.try_get("rolsuper")?,
+        createdb: row.try_get("rolcreatedb")?,
+        createrole: row.try_get("rolcreaterole")?,
+        in_recovery: row.try_get("in_recovery")?,
+    })
+}

@@ -3,7 +3,9 @@
 //! Errors are mapped to statuses in one place ([`AppError`]).
 
 mod jobs;
+pub mod openapi;
 mod planner;
+mod pods;
 
 use crate::failover::FailoverRequest;
 use crate::fleet::{ErrorKind, Fleet, FleetError, NewTenant, ReloadError};
@@ -39,6 +41,7 @@ pub fn app(fleet: AppState) -> Router {
         .route("/config/history/{version}", get(config_version))
         .merge(jobs::routes())
         .merge(planner::routes())
+        .merge(pods::routes())
         .fallback(not_found)
         .route_layer(middleware::from_fn_with_state(fleet.clone(), require_token));
     let metrics = Router::new()
@@ -49,6 +52,7 @@ pub fn app(fleet: AppState) -> Router {
         .route("/readyz", get(readyz))
         .nest("/v1", v1)
         .merge(metrics)
+        .merge(openapi::routes())
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(fleet)
@@ -116,7 +120,22 @@ fn token_matches(expected: &str, got: &str) -> bool {
 
 async fn require_token(State(fleet): State<AppState>, req: Request, next: Next) -> Response {
     let Some(expected) = fleet.admin_token.as_deref() else {
-        return next.run(req).await; // no token configured: loopback-only (enforced by config)
+        // No token: config validation allows that only on a loopback admin_listen. Should a
+        // call from elsewhere arrive all the same (the token file vanished after validation,
+        // a listener bound by hand), it is refused rather than trusted.
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        if peer.is_some_and(|ip| !ip.is_loopback()) {
+            return AppError(
+                StatusCode::FORBIDDEN,
+                "admin_token_required",
+                "this router has no admin token, so its admin API only answers loopback callers; set router.admin_token_file and restart".into(),
+            )
+            .into_response();
+        }
+        return next.run(req).await;
     };
     let given = req
         .headers()
