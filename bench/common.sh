@@ -129,7 +129,7 @@ start_demo() {
     DEMO_DIR=$BENCH_WORK/demo
     DEMO_LOG=$BENCH_WORK/demo.log
     log "starting podrouter demo (pool mode transaction, pool size $pool) in $DEMO_DIR"
-    "$PODROUTER_BIN" demo --dir "$DEMO_DIR" --pods 1 --tenants "${DEMO_TENANTS:-1}" \
+    "$PODROUTER_BIN" demo --dir "$DEMO_DIR" --pods "${DEMO_PODS:-1}" --tenants "${DEMO_TENANTS:-1}" \
         --pool-mode transaction --pool-size "$pool" \
         --listen "127.0.0.1:${ports[0]}" --admin-listen "127.0.0.1:${ports[1]}" \
         --http-listen "127.0.0.1:${ports[2]}" "$@" >"$DEMO_LOG" 2>&1 &

@@ -316,9 +316,11 @@ async fn cancel_in_each_phase_leaves_the_tenant_where_it_was() {
     check("copy").await;
 
     // During catch-up: a long write transaction on the source holds the move there.
+    // (Opened once the copy runs: before it, the slot's creation waits for it instead.)
     let direct = pod_admin(&f.pods[0], "acme").await;
-    direct.batch_execute("begin; insert into items (body) values ('long')").await.unwrap();
     let id = start_move(&f, "acme", "pod1").await;
+    wait_phase(&f, id, "copy", Duration::from_secs(60)).await;
+    direct.batch_execute("begin; insert into items (body) values ('long')").await.unwrap();
     wait_phase(&f, id, "catch_up", Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(job(&f, id).await["phase"], "catch_up");
@@ -355,11 +357,8 @@ async fn a_target_that_dies_during_the_copy_aborts_the_move_cleanly() {
     fill(&f, "acme", 300_000).await;
     let id = start_move(&f, "acme", "pod1").await;
     wait_phase(&f, id, "copy", Duration::from_secs(60)).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(f.pods[1].pid() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    let (datadir, port) = (f.pods[1].datadir().to_owned(), f.pods[1].port());
+    f.pods[1].kill9();
     let j = wait_job(&f, id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j["error"].as_str().unwrap().contains("pod1"), "{j}");
@@ -368,7 +367,9 @@ async fn a_target_that_dies_during_the_copy_aborts_the_move_cleanly() {
     let c = f.connect("acme").await;
     c.execute("insert into items (body) values ('after')", &[]).await.unwrap();
     // Once the target is back, the janitor removes what was left there.
-    f.pods[1].start().await.unwrap();
+    f.pods[1] = podrouter::localpg::LocalCluster::start(&bins(), &datadir, port, &[])
+        .await
+        .unwrap();
     wait_for("no leftovers after the target returns", Duration::from_secs(60), || async {
         leftovers(&f, "acme", 0, 1).await.is_empty().then_some(())
     })
@@ -415,4 +416,135 @@ async fn two_moves_at_once_and_a_second_move_of_the_same_tenant_is_refused() {
     // A finished job cannot be cancelled.
     let (status, _) = f.admin("DELETE", &format!("/v1/jobs/{a}"), None).await;
     assert_eq!(status.as_u16(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_mode_clients_end_cleanly_and_the_move_goes_through() {
+    let f = TestFleet::start(Options {
+        pods: 2,
+        mode: podrouter::config::PoolMode::Session,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("acme", 0).await;
+    fill(&f, "acme", 1_000).await;
+    let idle = f.connect("acme").await;
+    idle.batch_execute("set application_name = 'idle-session'").await.unwrap();
+    let id = start_move(&f, "acme", "pod1").await;
+    let j = wait_job(&f, id, Duration::from_secs(120)).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    // The idle session-mode connection was ended between transactions with a clear 57P01.
+    let e = idle.simple_query("select 1").await.unwrap_err();
+    let db = e.as_db_error();
+    if let Some(db) = db {
+        assert_eq!(db.code().code(), "57P01", "{e}");
+        assert!(db.message().contains("moving"), "{e}");
+    } else {
+        assert!(idle.is_closed(), "{e}");
+    }
+    let c = f.connect("acme").await;
+    let n: i64 = c.query_one("select count(*) from items", &[]).await.unwrap().get(0);
+    assert_eq!(n, 1_000);
+    assert_eq!(tenant_pod(&f, "acme").await.0, "pod1");
+}
+
+/// The router as a separate process on the fleet's catalog, for SIGKILL.
+struct Router {
+    child: std::process::Child,
+    admin: String,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn router_process(f: &TestFleet, port: u16, admin: u16) -> Router {
+    let path = f.dir.path().join("serve.toml");
+    std::fs::write(&path, f.config_with_ports(port, admin)).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_podrouter"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let r = Router {
+        child,
+        admin: format!("http://127.0.0.1:{admin}"),
+    };
+    let url = format!("postgres://{ROLE}:{PASSWORD}@127.0.0.1:{port}/acme");
+    wait_for("podrouter serve to accept", Duration::from_secs(30), || async {
+        connect(&url).await.ok().map(|_| ())
+    })
+    .await;
+    r
+}
+
+async fn http(r: &Router, token: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let req = reqwest::Client::new()
+        .request(method, format!("{}{path}", r.admin))
+        .bearer_auth(token);
+    let req = match body {
+        Some(b) => req.json(&b),
+        None => req,
+    };
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_move_recovers_at_its_next_start() {
+    let mut f = TestFleet::start(Options {
+        pods: 2,
+        config_extra: "\n[moves]\npause_deadline = \"30s\"\n".into(),
+        ..Default::default()
+    })
+    .await;
+    f.tenant("acme", 0).await;
+    fill(&f, "acme", 300_000).await;
+    f.stop().await;
+    let (port, admin) = (podrouter::localpg::free_port(), podrouter::localpg::free_port());
+    let url = format!("postgres://{ROLE}:{PASSWORD}@127.0.0.1:{port}/acme");
+    let token = f.token.clone();
+    let job_state = |r: &Router, id: i64| {
+        let (r, token) = (r, token.clone());
+        async move { http(r, &token, reqwest::Method::GET, &format!("/v1/jobs/{id}"), None).await }
+    };
+    for when in ["copy", "cutover"] {
+        let mut r = router_process(&f, port, admin).await;
+        let job = http(&r, &token, reqwest::Method::POST, "/v1/tenants/acme/move", Some(json!({"to": "pod1"}))).await;
+        let id = job["id"].as_i64().unwrap_or_else(|| panic!("{job}"));
+        // For the cutover: an open transaction keeps the pause waiting while we kill.
+        let holder = connect(&url).await.unwrap();
+        if when == "cutover" {
+            wait_for("catch_up", Duration::from_secs(90), || async {
+                let j = job_state(&r, id).await;
+                (j["phase"] == "catch_up" || j["phase"] == "cutover").then_some(())
+            })
+            .await;
+            holder.batch_execute("begin; select 1").await.unwrap();
+        }
+        wait_for(when, Duration::from_secs(90), || async {
+            let j = job_state(&r, id).await;
+            assert!(j["state"] == "running" || j["state"] == "pending", "{j}");
+            (j["phase"] == when).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        r.child.kill().unwrap(); // SIGKILL
+        r.child.wait().unwrap();
+        drop(holder);
+        let r = router_process(&f, port, admin).await;
+        let j = job_state(&r, id).await;
+        assert_eq!(j["state"], "failed", "{when}: {j}");
+        assert!(j["error"].as_str().unwrap().contains("restart"), "{j}");
+        let t = http(&r, &token, reqwest::Method::GET, "/v1/tenants/acme", None).await;
+        assert_eq!((t["pod"].as_str(), t["state"].as_str()), (Some("pod0"), Some("active")), "{when}: {t}");
+        assert_eq!(leftovers(&f, "acme", 0, 1).await, Vec::<String>::new(), "{when}");
+        let c = connect(&url).await.unwrap();
+        c.execute("insert into items (body) values ($1)", &[&when]).await.unwrap();
+        drop(r);
+    }
 }

@@ -255,6 +255,11 @@ pub async fn switch_route(
     to: &str,
 ) -> Result<Option<i64>, CatalogError> {
     let mut tx = pool.begin().await?;
+    // Durable before any held client is released (DESIGN.md, invariant 4), whatever the
+    // catalog server's default.
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
     let version: Option<i64> = sqlx::query_scalar(
         "UPDATE tenants SET pod = $3, route_version = route_version + 1, state = 'active', updated_at = now()
           WHERE name = $1 AND pod = $2 RETURNING route_version",

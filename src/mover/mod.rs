@@ -771,6 +771,7 @@ impl Move {
     ) -> MoveResult<i64> {
         let past = |what: &str| MoveError::Failed(format!("{what} took past the pause deadline"));
         // 1. running transactions finish (within half the budget, leaving time for the rest)
+        let step = Instant::now();
         let half = Instant::now() + (deadline - Instant::now()) / 2;
         if !gate.drained(half).await {
             return Err(MoveError::Failed(format!(
@@ -778,8 +779,10 @@ impl Move {
                 gate.inside()
             )));
         }
+        self.time("pause_drain", step);
         self.check_cancel()?;
         // 2. fence the source
+        let step = Instant::now();
         let (source, target, tenant, name) = (
             self.cp.source.clone(),
             self.cp.target.clone(),
@@ -793,9 +796,11 @@ impl Move {
             .await
             .map_err(|_| past("fencing the source"))?
             .map_err(|e| MoveError::pod(&source, "fencing", e))?;
+        self.time("pause_fence", step);
         // 3. where the source's WAL ends now; wait until the target applied that far
+        let step = Instant::now();
         let src = self.src().await?;
-        let lsn = tokio::time::timeout_at(deadline, pg::wal_insert_lsn(src))
+        let lsn = tokio::time::timeout_at(deadline, pg::flushed_wal_position(src))
             .await
             .map_err(|_| past("reading the WAL position"))?
             .map_err(|e| MoveError::pod(&source, "reading the WAL position", e))?;
@@ -814,7 +819,9 @@ impl Move {
             self.check_cancel()?;
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        self.time("pause_wal_wait", step);
         // 4. sequences
+        let step = Instant::now();
         let db = self.src_db().await?;
         let seqs = tokio::time::timeout_at(deadline, pg::read_sequences(db))
             .await
@@ -825,7 +832,9 @@ impl Move {
             .await
             .map_err(|_| past("setting sequences"))?
             .map_err(|e| MoveError::pod(&target, "setting sequences", e))?;
+        self.time("pause_sequences", step);
         // 5. the switch: durable in the catalog before anyone is released
+        let step = Instant::now();
         self.check_cancel()?;
         if Instant::now() >= deadline {
             return Err(past("the cutover"));
@@ -842,6 +851,7 @@ impl Move {
         if !moved {
             let _ = self.fleet.reload_routes().await;
         }
+        self.time("pause_switch", step);
         Ok(version)
     }
 
@@ -907,8 +917,11 @@ impl Move {
     }
 }
 
-/// Removes what a move made before its switch, per its checkpoint; idempotent. Each pod is
-/// tried independently, so a target that is down does not keep the source fenced.
+/// Removes what a move made before its switch, per its checkpoint; idempotent. Order:
+/// unfence the source (the tenant must work there again at once), stop the subscription on
+/// the target (so nothing re-takes the slot), then the source's slots, publication and
+/// replica identities, then the half-copied database. Each pod is tried independently, so
+/// a target that is down does not keep the source fenced.
 async fn roll_back_objects(
     fleet: &Arc<Fleet>,
     job: i64,
@@ -917,89 +930,91 @@ async fn roll_back_objects(
 ) -> MoveResult<()> {
     let name = pg::object_name(job);
     let table = fleet.table.load_full();
-    let url = |pod: &str| table.pods.get(pod).map(|p| p.admin_url.clone());
+    let src_url = table.pods.get(&cp.source).map(|p| p.admin_url.clone());
+    let dst_url = table.pods.get(&cp.target).map(|p| p.admin_url.clone());
     let mut problems = Vec::new();
-    // Source first: the tenant must work there again.
-    match url(&cp.source) {
-        None => problems.push(format!("pod {:?} is gone from the catalog", cp.source)),
-        Some(u) => {
-            let src = match conns.src.take() {
-                Some(c) => Ok(c),
-                None => podadmin::connect(&u, None).await,
-            };
-            match src {
-                Ok(mut src) => {
-                    if cp.fenced {
-                        match pg::unfence(&mut src, &cp.tenant).await {
-                            Ok(()) => cp.fenced = false,
-                            Err(e) => problems.push(format!("unfencing on {:?}: {}", cp.source, podadmin::short(&e))),
-                        }
-                    }
-                    if cp.subscription {
-                        if let Err(e) = pg::drop_slots(&mut src, &name, cp.sub_oid).await {
-                            problems.push(format!("dropping slot on {:?}: {}", cp.source, podadmin::short(&e)));
-                        }
-                    }
-                }
-                Err(e) => problems.push(format!("pod {:?}: {}", cp.source, podadmin::short(&e))),
+    let short = |pod: &str, what: &str, e: &sqlx::Error| format!("{what} on {pod:?}: {}", podadmin::short(e));
+    let mut src = match (&src_url, conns.src.take()) {
+        (_, Some(c)) => Some(c),
+        (Some(u), None) => match podadmin::connect(u, None).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(short(&cp.source, "connecting", &e));
+                None
             }
-            if cp.publication || !cp.identity.is_empty() {
-                let db = match conns.src_db.take() {
-                    Some((c, _)) => Ok(c),
-                    None => podadmin::connect(&u, Some(&cp.tenant)).await,
-                };
-                match db {
-                    Ok(mut db) => {
-                        if let Err(e) = pg::drop_publication(&mut db, &name).await {
-                            problems.push(format!("dropping publication on {:?}: {}", cp.source, podadmin::short(&e)));
-                        }
-                        for (t, ident) in &cp.identity {
-                            if let Err(e) = pg::set_identity(&mut db, t, ident).await {
-                                problems.push(format!("restoring the replica identity of {t}: {}", podadmin::short(&e)));
-                            }
-                        }
-                        let _ = db.close().await;
-                    }
-                    Err(e) => problems.push(format!("pod {:?}: {}", cp.source, podadmin::short(&e))),
-                }
+        },
+        (None, None) => {
+            problems.push(format!("pod {:?} is gone from the catalog", cp.source));
+            None
+        }
+    };
+    if cp.fenced {
+        if let Some(c) = src.as_mut() {
+            match pg::unfence(c, &cp.tenant).await {
+                Ok(()) => cp.fenced = false,
+                Err(e) => problems.push(short(&cp.source, "unfencing", &e)),
             }
         }
     }
-    if cp.subscription || cp.target_db {
-        match url(&cp.target) {
-            None => {}
-            Some(u) => {
-                if cp.subscription {
-                    let db = match conns.dst_db.take() {
-                        Some(c) => Ok(c),
-                        None => podadmin::connect(&u, Some(&cp.tenant)).await,
-                    };
-                    match db {
-                        Ok(mut db) => {
-                            if let Err(e) = pg::drop_subscription(&mut db, &name).await {
-                                problems.push(format!("dropping subscription on {:?}: {}", cp.target, podadmin::short(&e)));
-                            }
-                            let _ = db.close().await;
+    if cp.subscription {
+        if let Some(u) = &dst_url {
+            let db = match conns.dst_db.take() {
+                Some(c) => Ok(c),
+                None => podadmin::connect(u, Some(&cp.tenant)).await,
+            };
+            match db {
+                Ok(mut db) => {
+                    if let Err(e) = pg::drop_subscription(&mut db, &name).await {
+                        problems.push(short(&cp.target, "dropping the subscription", &e));
+                    }
+                    let _ = db.close().await;
+                }
+                // No database there (never made, or dropped): no subscription either.
+                Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("3D000") => {}
+                Err(e) => problems.push(short(&cp.target, "connecting", &e)),
+            }
+        }
+        if let Some(c) = src.as_mut() {
+            if let Err(e) = pg::drop_slots(c, &name, cp.sub_oid).await {
+                problems.push(short(&cp.source, "dropping the replication slot", &e));
+            }
+        }
+    }
+    if cp.publication || !cp.identity.is_empty() {
+        if let Some(u) = &src_url {
+            let db = match conns.src_db.take() {
+                Some((c, _)) => Ok(c),
+                None => podadmin::connect(u, Some(&cp.tenant)).await,
+            };
+            match db {
+                Ok(mut db) => {
+                    if let Err(e) = pg::drop_publication(&mut db, &name).await {
+                        problems.push(short(&cp.source, "dropping the publication", &e));
+                    }
+                    for (t, ident) in &cp.identity {
+                        if let Err(e) = pg::set_identity(&mut db, t, ident).await {
+                            problems.push(short(&cp.source, &format!("restoring the replica identity of {t}"), &e));
                         }
-                        // No database there (never created, or already dropped): no subscription either.
-                        Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("3D000") => {}
-                        Err(e) => problems.push(format!("pod {:?}: {}", cp.target, podadmin::short(&e))),
+                    }
+                    let _ = db.close().await;
+                }
+                Err(e) => problems.push(short(&cp.source, "connecting", &e)),
+            }
+        }
+    }
+    if cp.target_db {
+        if let Some(u) = &dst_url {
+            let dst = match conns.dst.take() {
+                Some(c) => Ok(c),
+                None => podadmin::connect(u, None).await,
+            };
+            match dst {
+                Ok(mut dst) => {
+                    if let Err(e) = pg::drop_database(&mut dst, &cp.tenant).await {
+                        problems.push(short(&cp.target, "dropping the half-copied database", &e));
                     }
                 }
-                if cp.target_db {
-                    let dst = match conns.dst.take() {
-                        Some(c) => Ok(c),
-                        None => podadmin::connect(&u, None).await,
-                    };
-                    match dst {
-                        Ok(mut dst) => {
-                            if let Err(e) = pg::drop_database(&mut dst, &cp.tenant).await {
-                                problems.push(format!("dropping the half-copied database on {:?}: {}", cp.target, podadmin::short(&e)));
-                            }
-                        }
-                        Err(e) => problems.push(format!("pod {:?}: {}", cp.target, podadmin::short(&e))),
-                    }
-                }
+                Err(e) => problems.push(short(&cp.target, "connecting", &e)),
             }
         }
     }

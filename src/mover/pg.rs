@@ -307,6 +307,25 @@ pub async fn wal_insert_lsn(conn: &mut PgConnection) -> Result<i64> {
         .await
 }
 
+/// A WAL position at or past every commit made so far, flushed to disk: read inside a
+/// transaction that commits synchronously (a pod may run with `synchronous_commit = off`,
+/// and a walsender only sends what is flushed, so waiting on an unflushed position would
+/// wait for the WAL writer).
+pub async fn flushed_wal_position(conn: &mut PgConnection) -> Result<i64> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
+    let lsn: i64 = sqlx::query_scalar(
+        "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8 FROM (SELECT pg_current_xact_id()) x",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(lsn)
+}
+
 /// The source WAL position the subscription has acknowledged receiving and applying
 /// (bytes from 0/0); None before its first report.
 pub async fn applied_lsn(db: &mut PgConnection, name: &str) -> Result<Option<i64>> {

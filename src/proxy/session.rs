@@ -45,6 +45,9 @@ enum Attached {
     ClientBroke(RouterError),
     /// The router is shutting down and the session was at a clean point.
     Shutdown,
+    /// Session mode: the tenant is pausing for a live move and the session was between
+    /// transactions; its server session cannot follow the tenant.
+    Pausing,
 }
 
 /// Per-direction scanning state.
@@ -296,6 +299,19 @@ impl<'a> Session<'a> {
                     self.release(co);
                 }
                 Attached::ClientGone => return self.finish_server(co).await,
+                Attached::Pausing => {
+                    self.finish_server(co).await;
+                    self.pass = None;
+                    let e = RouterError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        format!(
+                            "podrouter: tenant \"{}\" is moving to another pod; this session-mode connection ends between transactions",
+                            self.route.name
+                        ),
+                    )
+                    .with_hint("Reconnect: the new connection reaches the tenant wherever it is.");
+                    return self.fail(e).await;
+                }
                 Attached::Shutdown => {
                     self.finish_server(co).await;
                     return self.fail(shutting_down()).await;
@@ -580,6 +596,13 @@ impl<'a> Session<'a> {
                 !self.terminate && self.cout.len() < HIGH_WATER && self.cin.len() < HIGH_WATER;
             let read_server = self.sout.len() < HIGH_WATER;
             let idle_point = self.server_clean() && self.sout.is_empty();
+            // Session mode holds its server between transactions; a live move of the tenant
+            // must not wait for the session to end, so at a clean point it ends it.
+            let watch_pause = idle_point && self.mode == PoolMode::Session;
+            let pausing = self.gate.pausing();
+            if watch_pause && self.gate.is_paused() {
+                break Attached::Pausing;
+            }
             reserve(&mut self.cin);
             reserve(&mut self.sin);
             let (mut cr, mut cw) = self.client.split();
@@ -599,6 +622,7 @@ impl<'a> Session<'a> {
                     match r { Ok(n) if n > 0 => self.meter.bytes_in += n as u64, _ => break Attached::ClientGone }
                 }
                 _ = shutdown.cancelled(), if idle_point => break Attached::Shutdown,
+                _ = pausing, if watch_pause => break Attached::Pausing,
             }
         };
         (outcome, co)

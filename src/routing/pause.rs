@@ -28,6 +28,8 @@ pub struct PauseGate {
     waiting: AtomicUsize,
     resumed: Notify,
     emptied: Notify,
+    /// Wakes session-mode sessions idle between transactions when a pause starts.
+    pausing: Notify,
     /// Who paused, for messages: "a live move", "an operator".
     reason: Mutex<&'static str>,
 }
@@ -137,6 +139,13 @@ impl PauseGate {
     pub fn pause(&self, reason: &'static str) {
         *self.reason.lock() = reason;
         self.paused.store(true, SeqCst);
+        self.pausing.notify_waiters();
+    }
+
+    /// Completes when a pause starts after this call (see [`Notify::notified`]); check
+    /// [`is_paused`](Self::is_paused) after creating it to cover one already under way.
+    pub fn pausing(&self) -> tokio::sync::futures::Notified<'_> {
+        self.pausing.notified()
     }
 
     /// Waits until no session is inside a transaction, or `deadline`; true when drained.
