@@ -9,11 +9,11 @@
 //! `tenant="other"`, so the number of series stays bounded however many tenants there are.
 //!
 //! Labels move between a tenant's own series and `other` as tenants get busy or quiet.
-//! [`Labels`] keeps every series monotonic while they do: a tenant's own series starts at 0
-//! when it gets its label, and `other` keeps what the tenant had contributed to it (and
-//! gets nothing of what the tenant did under its own label), so `rate()` never sees a
-//! counter go down and every increase is counted in exactly one series: `sum by (pod)
-//! (rate(...))` is the pod's rate.
+//! [`Labels`] keeps every series monotonic while they do: a tenant's own series carries its
+//! whole count, `other` keeps (frozen) what it had already shown of the tenant before the
+//! label, and gets nothing of what the tenant does under its own label. So `rate()` never
+//! sees a counter go down and no increase lands in two series. (Raw sums of counters across
+//! tenants may count a labelled tenant's early share twice: sum rates, not counters.)
 //!
 //! The pod sampler ([`sampler`]) adds the pods' own figures (transactions/s, cache hits,
 //! connections, sizes, replication lag, host CPU/memory/disk).
@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -262,7 +262,16 @@ impl Meter {
         self.flush(stats);
     }
 
-    fn flush(&mut self, stats: &Arc<TenantStats>) {
+    /// Adds the bytes counted so far to `stats` (cheap when there are none): at every
+    /// ReadyForQuery, and wherever the session waits with nothing left to write.
+    #[inline]
+    pub fn flush(&mut self, stats: &Arc<TenantStats>) {
+        if !self.last.as_ref().is_some_and(|l| Arc::ptr_eq(l, stats)) {
+            self.last = Some(stats.clone());
+        }
+        if self.bytes_in == 0 && self.bytes_out == 0 {
+            return;
+        }
         if self.bytes_in > 0 {
             stats
                 .bytes_in
@@ -272,9 +281,6 @@ impl Meter {
             stats
                 .bytes_out
                 .fetch_add(std::mem::take(&mut self.bytes_out), Relaxed);
-        }
-        if !self.last.as_ref().is_some_and(|l| Arc::ptr_eq(l, stats)) {
-            self.last = Some(stats.clone());
         }
     }
 }
@@ -354,12 +360,15 @@ struct Labels {
 }
 
 /// Per (pod, tenant): `credited` is what was moved out of `other` when a label was lost
-/// (the tenant's own series had it), `base` what `other` kept when the label was gained.
+/// (the tenant's own series had it), `base` what `other` kept when the label was gained:
+/// what `other` had already shown of the tenant (`reported`), so nothing is counted twice
+/// that no scrape has seen.
 #[derive(Default, Clone)]
 struct KeyOffsets {
     labelled: bool,
     base: Vec<u64>,
     credited: Vec<u64>,
+    reported: Vec<u64>,
 }
 
 fn sub(a: &[u64], b: &[u64]) -> Vec<u64> {
@@ -388,9 +397,9 @@ impl KeyOffsets {
         }
     }
 
-    /// The tenant's own series.
+    /// The tenant's own series: all it did on this pod.
     fn own(&self, raw: &[u64]) -> Vec<u64> {
-        sub(&sub(raw, &self.credited), &self.base)
+        raw.to_vec()
     }
 
     fn set_labelled(&mut self, labelled: bool, raw: &[u64]) {
@@ -398,7 +407,7 @@ impl KeyOffsets {
             return;
         }
         if labelled {
-            self.base = sub(raw, &self.credited);
+            self.base = self.reported.clone();
         } else {
             // `other` keeps `base`: everything past it was the own series'.
             self.credited = sub(raw, &self.base);
@@ -494,9 +503,10 @@ impl Labels {
             let labelled = self.labelled.contains(&tenant);
             let k = self.keys.entry((pod.clone(), tenant.clone())).or_default();
             k.set_labelled(labelled, &raw);
+            k.reported = k.other_part(&raw);
             add_into(
                 out.entry((pod.clone(), OTHER.into())).or_default(),
-                &k.other_part(&raw),
+                &k.reported,
             );
             if labelled {
                 out.insert((pod, tenant), k.own(&raw));
@@ -547,7 +557,6 @@ const FAMILIES: &[(&str, &str, MetricType, &[&str])] = &[
     ("podrouter_host_filesystem_avail_bytes", "node_filesystem_avail_bytes of the pod host's filesystems.", MetricType::GAUGE, &["pod", "mountpoint"]),
     ("podrouter_host_filesystem_size_bytes", "node_filesystem_size_bytes of the pod host's filesystems.", MetricType::GAUGE, &["pod", "mountpoint"]),
     ("podrouter_tenant_load", "The tenant's server busy seconds per second over metrics.load_window (the planner's load).", MetricType::GAUGE, &["pod", "tenant"]),
-    ("podrouter_pod_utilisation", "The pod's utilisation against its capacity (the planner's view), by resource.", MetricType::GAUGE, &["pod", "resource"]),
 ];
 
 /// One family under construction.
@@ -671,6 +680,8 @@ impl RouterCollector {
         .map(|n| Family::new(n))
         .collect();
         for ((pod, tenant), v) in &series {
+            let mut v = v.clone();
+            v.resize(raw::LEN, 0); // a series made only of empty offsets
             let lv = &[pod.as_str(), tenant.as_str()];
             let qt = &v[raw::QUERY_TIME..raw::QUERY_TIME + HIST_LEN];
             fams[0].counter(pt, lv, qt[HIST_LEN - 1] as f64);
@@ -783,6 +794,9 @@ pub struct Metrics {
     pub autopilot_decisions: IntCounterVec,
     /// Recommendations standing now, by pod and kind.
     pub autopilot_recommendations: IntGaugeVec,
+    /// The planner's view of each pod: load against capacity by resource (`busy`,
+    /// `connections`, `disk`), set by the autopilot after each sample.
+    pub pod_utilisation: GaugeVec,
 }
 
 /// Shares the collector with the registry (which wants a box it owns).
@@ -846,8 +860,17 @@ impl Metrics {
             &["pod", "kind"],
         )
         .expect("valid metric");
+        let pod_utilisation = GaugeVec::new(
+            Opts::new(
+                "podrouter_pod_utilisation",
+                "The pod's load against its capacity (the planner's view), by resource; 1 is full.",
+            ),
+            &["pod", "resource"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(moves.clone()) as Box<dyn Collector>,
+            Box::new(pod_utilisation.clone()) as Box<dyn Collector>,
+            Box::new(moves.clone()),
             Box::new(move_phases.clone()),
             Box::new(move_pause.clone()),
             Box::new(autopilot_decisions.clone()),
@@ -864,6 +887,7 @@ impl Metrics {
             move_pause,
             autopilot_decisions,
             autopilot_recommendations,
+            pod_utilisation,
         }
     }
 
@@ -887,25 +911,25 @@ mod tests {
     }
 
     /// Drives [`Labels`] through label changes: (tenant busy totals, top, expected series
-    /// of pod "p" as (tenant, value)) per step; every series must be monotonic (or start
-    /// again from 0 when a tenant gets its label back).
+    /// of pod "p" as (tenant, value)) per step; every series must be monotonic.
     #[test]
     fn labels_keep_series_monotonic() {
         let mut l = Labels::default();
         let t0 = Instant::now();
         let mut last: BTreeMap<String, u64> = BTreeMap::new();
         let steps: &[(&[(&str, u64)], usize, &[(&str, u64)])] = &[
-            (&[("a", 10), ("b", 1)], 1, &[("a", 0), ("other", 11)]),
-            (&[("a", 20), ("b", 2)], 1, &[("a", 10), ("other", 12)]),
-            // b got much busier while in other (+98): it takes a's label, and other keeps
-            // b's 100; what a did under its own label never reaches other.
-            (&[("a", 21), ("b", 100)], 1, &[("b", 0), ("other", 110)]),
-            (&[("a", 25), ("b", 150)], 1, &[("b", 50), ("other", 114)]),
-            // two labels: a gets its own again, from 0.
+            // a gets the label at the first scrape: other never showed it, so it keeps none.
+            (&[("a", 10), ("b", 1)], 1, &[("a", 10), ("other", 1)]),
+            (&[("a", 20), ("b", 2)], 1, &[("a", 20), ("other", 2)]),
+            // b got much busier: it takes a's label; other keeps the 2 it showed of b, and
+            // nothing of what a did under its own label.
+            (&[("a", 21), ("b", 100)], 1, &[("b", 100), ("other", 2)]),
+            (&[("a", 25), ("b", 150)], 1, &[("b", 150), ("other", 6)]),
+            // two labels: a gets its own again.
             (
                 &[("a", 30), ("b", 160)],
                 2,
-                &[("a", 0), ("b", 60), ("other", 119)],
+                &[("a", 30), ("b", 160), ("other", 6)],
             ),
         ];
         for (i, (totals, top, want)) in steps.iter().enumerate() {
@@ -927,10 +951,7 @@ mod tests {
             assert_eq!(got, want, "step {i}");
             for (t, v) in &got {
                 if let Some(prev) = last.get(t) {
-                    assert!(
-                        v >= prev || *v == 0,
-                        "step {i}: {t} went from {prev} to {v}"
-                    );
+                    assert!(v >= prev, "step {i}: {t} went from {prev} to {v}");
                 }
                 last.insert(t.clone(), *v);
             }

@@ -126,6 +126,10 @@ impl SampleBoard {
         self.snapshot.load()
     }
 
+    pub fn load_full(&self) -> Arc<FleetSample> {
+        self.snapshot.load_full()
+    }
+
     pub fn publish(&self, s: FleetSample) {
         self.snapshot.store(Arc::new(s));
         self.rounds.notify_waiters();

@@ -109,6 +109,23 @@ pub async fn evaluate(fleet: &Arc<Fleet>) -> Result<(), crate::fleet::FleetError
     let ap = &config.autopilot;
     let pilot = &fleet.planner.autopilot;
     let metrics = &fleet.metrics;
+    let load = load::current(fleet).await?;
+    metrics.pod_utilisation.reset();
+    for (pod, f) in &load.figures {
+        let set = |resource: &str, v: f64| {
+            metrics
+                .pod_utilisation
+                .with_label_values(&[pod.as_str(), resource])
+                .set(v)
+        };
+        set("busy", f.busy_ratio);
+        if f.max_connections > 0 {
+            set("connections", f.connections_ratio);
+        }
+        if let Some(d) = f.disk_ratio {
+            set("disk", d);
+        }
+    }
     if ap.mode == AutopilotMode::Off {
         pilot.watch.lock().clear();
         metrics.autopilot_recommendations.reset();
@@ -119,7 +136,6 @@ pub async fn evaluate(fleet: &Arc<Fleet>) -> Result<(), crate::fleet::FleetError
         }));
         return Ok(());
     }
-    let load = load::current(fleet).await?;
     let now = (Instant::now(), Utc::now());
     let mut recs = Vec::new();
     let mut announce = Vec::new();

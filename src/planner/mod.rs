@@ -225,13 +225,19 @@ pub fn plan_split(pod: &PodLoad, target: &PodLoad, tenants: &[TenantLoad]) -> Pl
     plan.moves.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     plan.bytes_to_move = plan.moves.iter().map(|m| m.bytes).sum();
     plan.after = utilisations(&pods, tenants, &placement);
+    let helps = Plan::max_utilisation(&plan.after) < Plan::max_utilisation(&plan.before) - 1e-9;
     plan.note = format!(
-        "moves {} of {} tenants ({} of the pod's {}) to {}",
+        "moves {} of {} tenants ({} of the pod's {}) to {}{}",
         plan.moves.len(),
         mine.len(),
         if by_bytes { "bytes" } else { "busy time" },
         format_share(chosen.iter().map(|i| weight(mine[*i])).sum::<f64>(), total),
-        target.name
+        target.name,
+        if helps {
+            ""
+        } else {
+            "; this does not lower the busiest pod's utilisation: one tenant carries most of the load, so give it a bigger pod instead"
+        }
     );
     plan
 }
@@ -280,6 +286,18 @@ fn closest_to_half(tenants: &[&TenantLoad], share: impl Fn(&TenantLoad) -> f64) 
         .collect();
     let distance = |s: usize| ((s as f64 - half).abs() / TIE_STEPS).round() as u64;
     sums.sort_by_key(|s| (distance(*s), best[*s], *s));
+    // A tenant with no load at all never changes a sum, so the DP cannot pick one alone:
+    // the cheapest such tenant is the candidate at 0.
+    let idle = (0..n)
+        .filter(|i| units[*i] == 0)
+        .min_by_key(|i| (tenants[*i].bytes, *i));
+    if let Some(i) = idle {
+        let here = (distance(0), (tenants[i].bytes, 1), 0);
+        let there = sums.first().map(|s| (distance(*s), best[*s], *s));
+        if there.is_none_or(|t| here < t) {
+            return vec![i];
+        }
+    }
     let Some(&target) = sums.first() else {
         return vec![0];
     };
@@ -526,6 +544,9 @@ mod tests {
         // nothing to split
         split("a:4", "t1@a:3/10", "");
         split("a:4", "", "");
+        // one tenant has all the load: either side is as far from half; the cheaper moves
+        split("a:4", "hot@a:3/100 idle@a:0/1", "idle>new");
+        split("a:4", "hot@a:3/1 idle@a:0/100", "hot>new");
         // tenants of other pods are not touched
         split("a:4", "t1@a:1/1 t2@a:1/1 o1@b:5/1", "t1>new");
     }

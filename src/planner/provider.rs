@@ -141,15 +141,20 @@ pub async fn provide(fleet: &Fleet, source: &str, actor: &str) -> Result<Provide
     })
 }
 
-/// Where the local provider keeps its clusters: `provider.dir` (relative to the config
-/// file), default `provisioned/` beside the config file.
-fn local_dir(fleet: &Fleet) -> PathBuf {
-    let base = fleet
+/// The config file's directory (where `podrouter demo` keeps its initdb template too).
+fn config_dir(fleet: &Fleet) -> PathBuf {
+    fleet
         .config_path
         .as_deref()
         .and_then(|p| p.parent())
         .map(|p| p.to_path_buf())
-        .unwrap_or_else(|| PathBuf::from("."));
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where the local provider keeps its clusters: `provider.dir` (relative to the config
+/// file), default `provisioned/` beside the config file.
+fn local_dir(fleet: &Fleet) -> PathBuf {
+    let base = config_dir(fleet);
     let dir = fleet
         .config
         .load()
@@ -166,6 +171,7 @@ fn local_dir(fleet: &Fleet) -> PathBuf {
 
 async fn local_pod(fleet: &Fleet, name: &str) -> Result<String, FleetError> {
     let dir = local_dir(fleet);
+    let cache = config_dir(fleet);
     let failed = |e: String| {
         provider_error(format!(
             "the local provider could not make pod {name:?}: {e}"
@@ -180,7 +186,7 @@ async fn local_pod(fleet: &Fleet, name: &str) -> Result<String, FleetError> {
             let made = (|| {
                 localpg::make_traversable(&dir)?;
                 let bins = PgBinaries::find()?;
-                let template = localpg::template(&bins, &dir)?;
+                let template = localpg::template(&bins, &cache)?;
                 let datadir = dir.join(&name);
                 LocalCluster::create(&bins, &template, &datadir)?;
                 Ok::<_, localpg::LocalPgError>((bins, datadir))

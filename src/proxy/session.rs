@@ -596,6 +596,9 @@ impl<'a> Session<'a> {
                 !self.terminate && self.cout.len() < HIGH_WATER && self.cin.len() < HIGH_WATER;
             let read_server = self.sout.len() < HIGH_WATER;
             let idle_point = self.server_clean() && self.sout.is_empty();
+            if idle_point {
+                self.meter.flush(&self.pool.stats);
+            }
             // Session mode holds its server between transactions; a live move of the tenant
             // must not wait for the session to end, so at a clean point it ends it.
             let watch_pause = idle_point && self.mode == PoolMode::Session;
@@ -665,6 +668,9 @@ impl<'a> Session<'a> {
             // since thousands of idle clients each hold one.
             if self.cin.capacity() - self.cin.len() < 64 {
                 self.cin.reserve(IDLE_READ_CHUNK);
+            }
+            if self.sout.is_empty() {
+                self.meter.flush(&self.pool.stats);
             }
             let (mut cr, mut cw) = self.client.split();
             tokio::select! {
