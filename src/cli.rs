@@ -172,7 +172,10 @@ const FOLLOW_OUTAGE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `done/total unit` of a job's progress, bytes in human units.
 pub fn progress_text(p: &Value) -> String {
-    let (done, total) = (p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+    let (done, total) = (
+        p["done"].as_u64().unwrap_or(0),
+        p["total"].as_u64().unwrap_or(0),
+    );
     let unit = p["unit"].as_str().unwrap_or("");
     match unit {
         "bytes" => format!(
@@ -209,14 +212,25 @@ pub fn job_rows(jobs: &[Value]) -> Vec<Value> {
 }
 
 pub const JOB_COLUMNS: &[&str] = &[
-    "id", "kind", "state", "phase", "progress", "tenant", "pod", "parent", "started_at", "error",
+    "id",
+    "kind",
+    "state",
+    "phase",
+    "progress",
+    "tenant",
+    "pod",
+    "parent",
+    "started_at",
+    "error",
 ];
 
 /// Where a followed job's progress goes: a bar on a terminal, phase lines otherwise.
 enum Display {
     Bar(indicatif::ProgressBar),
     /// Phase lines on stdout (or stderr with --json, whose stdout is the final JSON).
-    Lines { to_stderr: bool },
+    Lines {
+        to_stderr: bool,
+    },
 }
 
 impl Display {
@@ -245,7 +259,10 @@ impl Display {
         match self {
             Display::Bar(b) => {
                 let p = &job["progress"];
-                let (done, total) = (p["done"].as_u64().unwrap_or(0), p["total"].as_u64().unwrap_or(0));
+                let (done, total) = (
+                    p["done"].as_u64().unwrap_or(0),
+                    p["total"].as_u64().unwrap_or(0),
+                );
                 let counted = total > 0 && p["unit"] != "bytes behind";
                 let template = match (counted, p["unit"].as_str()) {
                     (false, _) => "{spinner} {prefix} {msg}",
@@ -267,7 +284,10 @@ impl Display {
                     _ => phase.to_owned(),
                 });
                 if changed {
-                    b.println(format!("[{:6.1}s] {phase}", started.elapsed().as_secs_f64()));
+                    b.println(format!(
+                        "[{:6.1}s] {phase}",
+                        started.elapsed().as_secs_f64()
+                    ));
                 }
             }
             Display::Lines { .. } if changed => self.line(&format!(
@@ -275,7 +295,11 @@ impl Display {
                 started.elapsed().as_secs_f64(),
                 job["id"],
                 job_title(job),
-                if progress.is_empty() { String::new() } else { format!(" ({progress})") }
+                if progress.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({progress})")
+                }
             )),
             Display::Lines { .. } => {}
         }
@@ -302,11 +326,13 @@ pub async fn follow_job(
     let mut last_ok = std::time::Instant::now();
     let mut cancel_sent = false;
     // From here on Ctrl-C (SIGINT) cancels the job instead of killing the CLI.
-    let mut interrupts =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .map_err(|e| CliError::Usage(format!("cannot handle Ctrl-C: {e}")))?;
+    let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| CliError::Usage(format!("cannot handle Ctrl-C: {e}")))?;
     loop {
-        let job = match client.call(reqwest::Method::GET, &format!("/v1/jobs/{id}"), None).await {
+        let job = match client
+            .call(reqwest::Method::GET, &format!("/v1/jobs/{id}"), None)
+            .await
+        {
             Ok(job) => {
                 last_ok = std::time::Instant::now();
                 job
@@ -322,7 +348,10 @@ pub async fn follow_job(
             }
         };
         let state = job["state"].as_str().unwrap_or("?").to_owned();
-        let now = (state.clone(), job["phase"].as_str().unwrap_or("?").to_owned());
+        let now = (
+            state.clone(),
+            job["phase"].as_str().unwrap_or("?").to_owned(),
+        );
         let changed = last_seen.as_ref() != Some(&now);
         display.update(&job, changed, started);
         last_seen = Some(now);
@@ -375,8 +404,9 @@ pub fn job_summary(job: &Value) -> String {
     if let Some(ms) = r["pause_ms"].as_u64() {
         s.push_str(&format!(" (clients paused {ms} ms)"));
     }
-    if let Some(moved) = r["moved"].as_array() {
-        s.push_str(&format!(" ({} tenant(s) moved)", moved.len()));
+    if let Some(moves) = r["moves"].as_array() {
+        let ok = moves.iter().filter(|m| m["state"] == "succeeded").count();
+        s.push_str(&format!(" ({ok} of {} tenant(s) moved)", moves.len()));
     }
     if let Some(e) = job["error"].as_str() {
         s.push_str(&format!(": {e}"));

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use podrouter::cli::{print_table, AdminClient};
+use podrouter::cli::{
+    follow_job, job_rows, job_summary, print_table, AdminClient, CliError, JOB_COLUMNS,
+};
 use podrouter::config::{Config, ConfigSource, PoolMode};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -72,6 +74,43 @@ enum Command {
     Roles {
         #[command(subcommand)]
         command: RolesCommand,
+    },
+    /// Move a tenant to another pod while it is in use, and follow the move job. Exit status:
+    /// 0 succeeded, 1 failed, 2 cancelled or refused (bad arguments, unknown tenant or pod, a
+    /// move already running). Ctrl-C cancels the move and waits for it to roll back.
+    Move {
+        tenant: String,
+        /// The pod to move it to.
+        #[arg(long)]
+        to: String,
+        /// Print the job and return instead of following it.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// List jobs (moves, drains), show or follow one, or cancel one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Jobs {
+        #[command(subcommand)]
+        command: Option<JobsCommand>,
+        /// Show this job instead of the list.
+        id: Option<i64>,
+        /// How many jobs to list, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Follow a job until it ends (exit status as for `move`); Ctrl-C cancels it.
+    Watch { id: i64 },
+    /// Cancel a running job: it rolls back (a move leaves the tenant on its pod) and ends
+    /// `cancelled`, or finishes if past its point of no return.
+    Cancel {
+        id: i64,
+        /// Wait for the job to end; exit status as for `move`.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -145,6 +184,14 @@ enum TenantsCommand {
         tenant: String,
         mode: String,
     },
+    /// Hold the tenant's new transactions (running ones finish) on every router.
+    Pause {
+        tenant: String,
+    },
+    /// Release a paused tenant's clients.
+    Resume {
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -157,6 +204,45 @@ enum PodsCommand {
         /// The replica to promote: its URL as `podrouter pods` lists it, or HOST:PORT.
         #[arg(long)]
         to: Option<String>,
+    },
+    /// Show one pod with its replicas.
+    Show {
+        pod: String,
+    },
+    /// Add a pod (kept across config reloads; `pods delete` removes it). Its primary must
+    /// answer as a primary to a superuser (or a user with CREATEDB and CREATEROLE).
+    Add {
+        name: String,
+        /// postgres://USER[:PASSWORD]@HOST[:PORT]
+        #[arg(long)]
+        primary: String,
+        /// A streaming replica's URL (repeat for more).
+        #[arg(long = "replica")]
+        replicas: Vec<String>,
+        /// An HTTP upstream of the pod's application servers (repeat for more).
+        #[arg(long = "http")]
+        http: Vec<String>,
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
+        /// Add it closed to new tenants.
+        #[arg(long)]
+        not_accepting: bool,
+        /// session or transaction (default: the config's).
+        #[arg(long)]
+        pool_mode: Option<PoolMode>,
+    },
+    /// Close the pod to new tenants and move every tenant off it (a drain job of moves),
+    /// following the job; exit status as for `move`.
+    Drain {
+        pod: String,
+        /// Print the job and return instead of following it.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Delete a pod added with `pods add` once no tenant lives there. Pods of the config file
+    /// go by removing them there and reloading.
+    Delete {
+        pod: String,
     },
 }
 
@@ -363,6 +449,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         None,
                     )
                 }
+                TenantsCommand::Pause { tenant } => (
+                    client
+                        .call(Method::POST, &format!("/v1/tenants/{tenant}/pause"), None)
+                        .await?,
+                    None,
+                ),
+                TenantsCommand::Resume { tenant } => (
+                    client
+                        .call(Method::POST, &format!("/v1/tenants/{tenant}/resume"), None)
+                        .await?,
+                    None,
+                ),
                 TenantsCommand::Delete {
                     tenant,
                     drop_database,
@@ -396,43 +494,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: None | Some(PodsCommand::List),
         } => {
             let v = client(&admin)?.call(Method::GET, "/v1/pods", None).await?;
-            output(
-                &admin,
-                &v,
-                Some("pods"),
-                &[
-                    "name",
-                    "primary",
-                    "weight",
-                    "accepting",
-                    "tenants",
-                    "health",
-                ],
-            );
-            let replicas: Vec<Value> = v["pods"]
-                .as_array()
-                .map(Vec::as_slice)
-                .unwrap_or(&[])
-                .iter()
-                .flat_map(|p| {
-                    let pod = p["name"].clone();
-                    p["replicas"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(move |mut r| {
-                            r["pod"] = pod.clone();
-                            r
-                        })
-                })
-                .collect();
-            if !admin.json && !replicas.is_empty() {
-                println!();
-                print_table(
-                    &replicas,
-                    &["pod", "url", "health", "lag_bytes", "lag_seconds"],
-                );
+            output(&admin, &v, Some("pods"), POD_COLUMNS);
+            if !admin.json {
+                print_replicas(v["pods"].as_array().map(Vec::as_slice).unwrap_or(&[]));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -467,6 +531,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Pods {
+            command: Some(command),
+        } => pods(&admin, command).await,
+        Command::Move { tenant, to, detach } => {
+            let started = client(&admin)?
+                .call(
+                    Method::POST,
+                    &format!("/v1/tenants/{tenant}/move"),
+                    Some(json!({ "to": to })),
+                )
+                .await;
+            run_job(&admin, started, detach).await
+        }
+        Command::Jobs { command, id, limit } => jobs(&admin, command, id, limit).await,
         Command::Roles {
             command: RolesCommand::Create { name, password },
         } => {
@@ -478,6 +556,191 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 )
                 .await?;
             output(&admin, &v, None, &["name"]);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+const POD_COLUMNS: &[&str] = &[
+    "name",
+    "primary",
+    "weight",
+    "accepting",
+    "tenants",
+    "health",
+    "origin",
+];
+
+/// The pods' replicas as one table (after the pods table).
+fn print_replicas(pods: &[Value]) {
+    let replicas: Vec<Value> = pods
+        .iter()
+        .flat_map(|p| {
+            let pod = p["name"].clone();
+            p["replicas"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |mut r| {
+                    r["pod"] = pod.clone();
+                    r
+                })
+        })
+        .collect();
+    if !replicas.is_empty() {
+        println!();
+        print_table(
+            &replicas,
+            &["pod", "url", "health", "lag_bytes", "lag_seconds"],
+        );
+    }
+}
+
+/// `pods show|add|drain|delete` (list and failover are handled in `run`).
+async fn pods(admin: &AdminArgs, command: PodsCommand) -> anyhow::Result<ExitCode> {
+    let client = client(admin)?;
+    let v = match command {
+        PodsCommand::List | PodsCommand::Failover { .. } => unreachable!("handled in run"),
+        PodsCommand::Drain { pod, detach } => {
+            let started = client
+                .call(Method::POST, &format!("/v1/pods/{pod}/drain"), None)
+                .await;
+            return run_job(admin, started, detach).await;
+        }
+        PodsCommand::Show { pod } => {
+            client
+                .call(Method::GET, &format!("/v1/pods/{pod}"), None)
+                .await?
+        }
+        PodsCommand::Add {
+            name,
+            primary,
+            replicas,
+            http,
+            weight,
+            not_accepting,
+            pool_mode,
+        } => {
+            client
+                .call(
+                    Method::POST,
+                    "/v1/pods",
+                    Some(json!({
+                        "name": name, "primary": primary, "replicas": replicas, "http": http,
+                        "weight": weight, "accepting": !not_accepting, "pool_mode": pool_mode,
+                    })),
+                )
+                .await?
+        }
+        PodsCommand::Delete { pod } => {
+            let v = client
+                .call(Method::DELETE, &format!("/v1/pods/{pod}"), None)
+                .await?;
+            output(admin, &v, None, &["deleted"]);
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    output(admin, &v, None, POD_COLUMNS);
+    if !admin.json {
+        print_replicas(std::slice::from_ref(&v));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A job just started (`move`, `pods drain`): refused → exit 2; detached → print it;
+/// otherwise follow it to its end.
+async fn run_job(
+    admin: &AdminArgs,
+    started: Result<Value, CliError>,
+    detach: bool,
+) -> anyhow::Result<ExitCode> {
+    let job = match started {
+        Ok(job) => job,
+        Err(
+            e @ CliError::Api {
+                status: 400..=499, ..
+            },
+        ) => {
+            eprintln!("podrouter: {e}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if detach {
+        output(admin, &job, None, JOB_COLUMNS);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let id = job["id"]
+        .as_i64()
+        .context("the API answered a job without an id")?;
+    follow(admin, &client(admin)?, id).await
+}
+
+/// Follows job `id` to its end; prints how it ended (the job as JSON with --json).
+async fn follow(admin: &AdminArgs, client: &AdminClient, id: i64) -> anyhow::Result<ExitCode> {
+    let (end, job) = follow_job(client, id, admin.json).await?;
+    if admin.json {
+        output(admin, &job, None, &[]);
+    } else if end == podrouter::cli::JobEnd::Succeeded {
+        println!("{}", job_summary(&job));
+    } else {
+        eprintln!("podrouter: {}", job_summary(&job));
+    }
+    Ok(ExitCode::from(end.exit_code()))
+}
+
+async fn jobs(
+    admin: &AdminArgs,
+    command: Option<JobsCommand>,
+    id: Option<i64>,
+    limit: u32,
+) -> anyhow::Result<ExitCode> {
+    let client = client(admin)?;
+    match (command, id) {
+        (Some(JobsCommand::Watch { id }), _) => follow(admin, &client, id).await,
+        (Some(JobsCommand::Cancel { id, wait }), _) => {
+            let v = client
+                .call(Method::DELETE, &format!("/v1/jobs/{id}"), None)
+                .await?;
+            if wait {
+                return follow(admin, &client, id).await;
+            }
+            if admin.json {
+                output(admin, &v, None, &[]);
+            } else {
+                println!("cancelling job {id}; follow it with `podrouter jobs watch {id}`");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        (None, Some(id)) => {
+            let v = client
+                .call(Method::GET, &format!("/v1/jobs/{id}"), None)
+                .await?;
+            if admin.json {
+                output(admin, &v, None, &[]);
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_table(&job_rows(std::slice::from_ref(&v)), JOB_COLUMNS);
+            for key in ["params", "result"] {
+                if !v[key].is_null() {
+                    println!("{key}: {}", v[key]);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        (None, None) => {
+            let v = client
+                .call(Method::GET, &format!("/v1/jobs?limit={limit}"), None)
+                .await?;
+            if admin.json {
+                output(admin, &v, None, &[]);
+            } else {
+                print_table(
+                    &job_rows(v["jobs"].as_array().map(Vec::as_slice).unwrap_or(&[])),
+                    JOB_COLUMNS,
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -49,6 +49,7 @@ pub fn document() -> Value {
         create_role, audit,
         reload_config, config_history, config_version,
         list_jobs, get_job, cancel_job,
+        metrics, recommendations, rebalance, split_pod,
     ),
     components(schemas(ErrorBody)),
     modifiers(&BearerToken),
@@ -61,6 +62,7 @@ pub fn document() -> Value {
         (name = "roles", description = "Client roles (SCRAM verifiers only)."),
         (name = "config", description = "pods.toml reloads and their history."),
         (name = "audit", description = "The audit log of mutating calls."),
+        (name = "planner", description = "Metrics, autopilot recommendations, splits and rebalances."),
     )
 )]
 struct ApiDoc;
@@ -254,7 +256,8 @@ struct Job {
     started_at: Option<chrono::DateTime<chrono::Utc>>,
     finished_at: Option<chrono::DateTime<chrono::Utc>>,
     error: Option<String>,
-    /// A finished move's includes `pause_ms`; a drain's lists `moved` (and `failed`).
+    /// A finished move's includes `pause_ms`; a drain's, split's or rebalance's lists its
+    /// `moves` with their jobs and states.
     result: Option<Value>,
 }
 
@@ -264,6 +267,10 @@ struct Progress {
     total: u64,
     /// e.g. "bytes", "bytes behind", "tenants", "steps".
     unit: String,
+    /// Drains, splits, rebalances: each move with its job and state.
+    moves: Option<Vec<Value>>,
+    /// A move in catch-up: write transactions on the source that hold the cutover.
+    long_write_transactions: Option<u64>,
 }
 
 #[derive(ToSchema)]
@@ -340,6 +347,85 @@ struct ConfigVersion {
     diff: Vec<FieldChange>,
     /// The file's text, passwords redacted (one version only).
     config: Option<String>,
+}
+
+/// A split or rebalance plan (also a drain's, in its params).
+#[derive(ToSchema)]
+struct Plan {
+    /// split | rebalance | drain
+    kind: String,
+    pod: Option<String>,
+    target: Option<String>,
+    moves: Vec<PlannedMove>,
+    bytes_to_move: u64,
+    before: std::collections::BTreeMap<String, Utilisation>,
+    after: std::collections::BTreeMap<String, Utilisation>,
+    /// Why the plan is what it is (also when it has no moves).
+    note: String,
+}
+
+#[derive(ToSchema)]
+struct PlannedMove {
+    tenant: String,
+    from: String,
+    to: String,
+    /// Server busy seconds per second.
+    busy: f64,
+    bytes: u64,
+}
+
+#[derive(ToSchema)]
+struct Utilisation {
+    tenants: u64,
+    busy: f64,
+    bytes: u64,
+    busy_ratio: f64,
+    disk_ratio: Option<f64>,
+    /// The larger ratio.
+    utilisation: f64,
+}
+
+#[derive(ToSchema)]
+struct DryRun {
+    dry_run: bool,
+    plan: Plan,
+}
+
+#[derive(ToSchema)]
+struct RebalanceRequest {
+    #[schema(default = false)]
+    dry_run: Option<bool>,
+    #[schema(default = 10)]
+    max_moves: Option<u64>,
+}
+
+#[derive(ToSchema)]
+struct SplitRequest {
+    #[schema(default = false)]
+    dry_run: Option<bool>,
+    /// An existing pod to move half the load to; default a new one from the pod provider.
+    to: Option<String>,
+}
+
+#[derive(ToSchema)]
+struct Recommendations {
+    /// The autopilot's mode: off | recommend | apply
+    mode: String,
+    updated_at: Option<chrono::DateTime<chrono::Utc>>,
+    recommendations: Vec<Recommendation>,
+}
+
+#[derive(ToSchema)]
+struct Recommendation {
+    pod: String,
+    kind: String,
+    /// Which thresholds the pod is over, in words.
+    reason: String,
+    figures: Value,
+    since: chrono::DateTime<chrono::Utc>,
+    /// Over for at least split_when.for: it stands (in apply mode, acts).
+    ready: bool,
+    plan: Plan,
 }
 
 // === operations ===
@@ -514,6 +600,32 @@ fn get_job() {}
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 409, description = "It ended already, or another router runs it", body = ErrorBody)))]
 fn cancel_job() {}
+
+#[utoipa::path(get, path = "/metrics", tag = "planner",
+    responses((status = 200, description = "Prometheus text format (podrouter_*)", body = String, content_type = "text/plain")))]
+fn metrics() {}
+
+#[utoipa::path(get, path = "/v1/recommendations", tag = "planner",
+    responses((status = 200, description = "The autopilot's standing recommendations", body = Recommendations)))]
+fn recommendations() {}
+
+#[utoipa::path(post, path = "/v1/rebalance", tag = "planner",
+    request_body(content = RebalanceRequest, description = "Empty body: run a rebalance of at most 10 moves"),
+    responses(
+        (status = 200, description = "dry_run: the plan only", body = DryRun),
+        (status = 202, description = "The rebalance job; its moves are child jobs", body = Job),
+        (status = 409, description = "Nothing to rebalance", body = ErrorBody)))]
+fn rebalance() {}
+
+#[utoipa::path(post, path = "/v1/pods/{pod}/split", tag = "planner",
+    params(("pod" = String, Path, description = "Pod name")),
+    request_body(content = SplitRequest, description = "Empty body: split onto a new pod from the provider"),
+    responses(
+        (status = 200, description = "dry_run: the plan only", body = DryRun),
+        (status = 202, description = "The split job; its moves are child jobs", body = Job),
+        (status = 404, description = "No such pod", body = ErrorBody),
+        (status = 409, description = "Nothing to split, or no pod to split onto", body = ErrorBody)))]
+fn split_pod() {}
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,6 @@
 
 use super::{AppError, AppState};
 use crate::fleet::{NewPod, PodView};
-use crate::jobs::JobView;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -53,7 +52,7 @@ async fn delete_pod(
 async fn drain_pod(
     State(fleet): State<AppState>,
     Path(pod): Path<String>,
-) -> ApiResult<(StatusCode, Json<JobView>)> {
+) -> ApiResult<(StatusCode, Json<Value>)> {
     let job = fleet.drain_pod(&pod, "admin-api").await?;
-    Ok((StatusCode::ACCEPTED, Json(job.into())))
+    Ok((StatusCode::ACCEPTED, Json(job)))
 }

@@ -1,24 +1,21 @@
 //! Pods through the admin API: add ([`Fleet::add_pod`], also what pod providers call),
 //! delete ([`Fleet::delete_pod`]) and drain ([`Fleet::drain_pod`]: close the pod to new
-//! tenants and move every tenant off it as a `drain` job whose children are ordinary moves).
+//! tenants and move every tenant off it as a `drain` job whose children are ordinary moves,
+//! run like a split's by `planner::ops::run_moves`).
 //!
 //! Pods added here have origin `api`: a config reload never touches them, and only this API
 //! deletes them. Pods of `pods.toml` (origin `config`) are removed by taking them out of the
 //! file and reloading, so the file stays the truth about them.
 
 use super::{pod_failed, pod_unreachable, unknown_pod, ErrorKind, Fleet, FleetError, PodView};
-use crate::catalog::jobs::{JobRow, NewJob};
 use crate::catalog::pods::{self as q, DeleteRefusal, ORIGIN_API, ORIGIN_CONFIG};
-use crate::catalog::{CatalogError, PodRow};
+use crate::catalog::PodRow;
 use crate::config::{self, PoolMode};
-use crate::jobs::{JobCtx, Outcome};
-use crate::podadmin;
 use crate::routing::placement::{self, Candidate};
+use crate::{planner, podadmin};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A pod to add: `POST /v1/pods`, or a pod provider's new pod ([`NewPod::new`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -125,17 +122,6 @@ impl NewPod {
         })
     }
 }
-
-/// Tenants on the pod being drained that are moved at once, at most.
-fn drain_window(fleet: &Fleet) -> usize {
-    fleet.config.load().moves.max_concurrent.max(1) as usize
-}
-
-/// How often a drain looks at its moves.
-const DRAIN_POLL: Duration = Duration::from_millis(250);
-
-/// How long a cancelled drain waits for its moves to roll back before it reports.
-const DRAIN_CANCEL_WAIT: Duration = Duration::from_secs(300);
 
 impl Fleet {
     /// Registers a pod in the catalog (origin `api`), audited `pod.add` with `detail` and the
@@ -249,15 +235,11 @@ impl Fleet {
     /// Closes the pod to new tenants (accepting = false, audited `pod.drain`) and starts a
     /// `drain` job that moves every tenant on it to other accepting pods chosen by the
     /// placement ring, `moves.max_concurrent` at a time, each as a move job whose parent is
-    /// the drain. Returns the job (pending) at once.
+    /// the drain. Returns the job (pending, as the API shows it) at once.
     ///
     /// A pod of `pods.toml` stays closed until a reload or restart writes the file's
     /// `accepting` again: set `accepting = false` in its `[[pod]]` entry to keep it closed.
-    pub async fn drain_pod(
-        self: &Arc<Self>,
-        name: &str,
-        actor: &str,
-    ) -> Result<JobRow, FleetError> {
+    pub async fn drain_pod(self: &Arc<Self>, name: &str, actor: &str) -> Result<Value, FleetError> {
         let snap = self.catalog.snapshot().await?;
         let pod = snap
             .pods
@@ -295,219 +277,60 @@ impl Fleet {
         )
         .await?;
         self.reload_routes().await?;
-        let job = self
-            .jobs
-            .create(&NewJob {
-                kind: "drain",
-                tenant: None,
-                pod: Some(name),
-                params: json!({ "pod": name }),
-                parent: None,
-                actor,
-            })
-            .await
-            .map_err(|e| match &e {
-                CatalogError::Query(sqlx::Error::Database(d))
-                    if d.constraint() == Some("jobs_one_drain_per_pod") =>
-                {
-                    draining("another drain job started just now")
-                }
-                _ => e.into(),
-            })?;
-        let origin = q::origins(self.catalog.pool())
-            .await?
-            .remove(name)
-            .unwrap_or_default();
-        let drain = Drain {
-            fleet: self.clone(),
-            pod: name.to_owned(),
-            actor: actor.to_owned(),
-            from_config: origin == ORIGIN_CONFIG,
-        };
-        self.jobs.spawn(job.id, move |ctx| drain.run(ctx));
-        Ok(job)
-    }
-}
-
-/// A move the drain started, until it ends.
-struct ChildMove {
-    job: i64,
-    tenant: String,
-    to: String,
-}
-
-/// The body of a `drain` job.
-struct Drain {
-    fleet: Arc<Fleet>,
-    pod: String,
-    actor: String,
-    from_config: bool,
-}
-
-impl Drain {
-    async fn run(self, ctx: JobCtx) -> Outcome {
-        let _ = ctx.phase("moving").await;
-        let mut attempted = BTreeSet::new();
-        let mut running: Vec<ChildMove> = Vec::new();
-        let (mut moved, mut failed) = (Vec::new(), Vec::new());
-        loop {
-            let snap = match self.fleet.catalog.snapshot().await {
-                Ok(s) => s,
-                // Moves already started go on by themselves; the operator can drain again.
-                Err(e) => {
-                    return Outcome::Failed {
-                        error: format!("the catalog does not answer ({e}); moves already started go on: drain the pod again once it is back"),
-                        result: Some(json!({"moved": moved, "failed": failed})),
-                    }
-                }
-            };
-            let todo: Vec<String> = snap
-                .tenants
-                .iter()
-                .filter(|t| t.pod == self.pod && !attempted.contains(&t.name))
-                .map(|t| t.name.clone())
-                .collect();
-            if todo.is_empty() && running.is_empty() {
-                break;
-            }
-            let candidates: Vec<Candidate<'_>> = snap
-                .pods
-                .iter()
-                .filter(|p| p.name != self.pod)
-                .map(|p| Candidate {
-                    name: &p.name,
-                    weight: p.weight,
-                    accepting: p.accepting,
-                })
-                .collect();
-            for tenant in todo
-                .iter()
-                .take(drain_window(&self.fleet).saturating_sub(running.len()))
-            {
-                if ctx.cancelled() {
-                    break;
-                }
-                attempted.insert(tenant.clone());
-                let Some(to) = placement::place(tenant, &candidates) else {
-                    failed.push(json!({"tenant": tenant, "error": "no other pod accepts tenants"}));
-                    continue;
-                };
-                match crate::mover::start_move(&self.fleet, tenant, to, &self.actor, Some(ctx.id))
-                    .await
-                {
-                    Ok(job) => running.push(ChildMove {
-                        job: job.id,
-                        tenant: tenant.clone(),
-                        to: to.to_owned(),
-                    }),
-                    Err(e) => failed.push(json!({"tenant": tenant, "to": to, "error": e.message})),
-                }
-            }
-            let total = attempted.len() + todo.iter().filter(|t| !attempted.contains(*t)).count();
-            let _ = ctx
-                .progress(
-                    json!({"done": moved.len() + failed.len(), "total": total, "unit": "tenants",
-                           "moving": running.iter().map(|c| &c.tenant).collect::<Vec<_>>()}),
-                    false,
-                )
-                .await;
-            if ctx.cancelled() {
-                return self.cancel(running, moved, failed).await;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(DRAIN_POLL) => {}
-                _ = ctx.cancel.cancelled() => {}
-            }
-            self.collect(&mut running, &mut moved, &mut failed).await;
-        }
-        let total = moved.len() + failed.len();
-        let _ = ctx
-            .progress(
-                json!({"done": total, "total": total, "unit": "tenants"}),
-                true,
-            )
-            .await;
-        let note = self.from_config.then(|| format!(
-            "pod {:?} comes from the config file: a reload or restart opens it again unless its [[pod]] entry says accepting = false",
-            self.pod
-        ));
-        if failed.is_empty() {
-            return Outcome::Succeeded(json!({"pod": self.pod, "moved": moved, "note": note}));
-        }
-        let why: Vec<String> = failed
+        // The moves: each tenant to the pod the ring picks among the others that accept.
+        let candidates: Vec<Candidate<'_>> = snap
+            .pods
             .iter()
-            .map(|f| {
-                format!(
-                    "{}: {}",
-                    f["tenant"].as_str().unwrap_or("?"),
-                    f["error"].as_str().unwrap_or("?")
-                )
+            .filter(|p| p.name != name)
+            .map(|p| Candidate {
+                name: &p.name,
+                weight: p.weight,
+                accepting: p.accepting,
             })
             .collect();
-        Outcome::Failed {
-            error: format!(
-                "{} of {total} tenant(s) could not be moved off pod {:?} ({}); the pod stays closed to new tenants: fix the cause and drain it again",
-                failed.len(),
-                self.pod,
-                why.join("; ")
-            ),
-            result: Some(json!({"pod": self.pod, "moved": moved, "failed": failed, "note": note})),
-        }
-    }
-
-    /// Moves `running` that ended, into `moved` or `failed`.
-    async fn collect(
-        &self,
-        running: &mut Vec<ChildMove>,
-        moved: &mut Vec<Value>,
-        failed: &mut Vec<Value>,
-    ) {
-        let mut still = Vec::new();
-        for c in running.drain(..) {
-            let job = match self.fleet.jobs.get(c.job).await {
-                Ok(Some(j)) => j,
-                // The catalog blinked (or the row is gone): look again next round.
-                _ => {
-                    still.push(c);
-                    continue;
+        let moves = snap
+            .tenants
+            .iter()
+            .filter(|t| t.pod == name)
+            .filter_map(|t| {
+                Some(planner::Move {
+                    tenant: t.name.clone(),
+                    from: name.to_owned(),
+                    to: placement::place(&t.name, &candidates)?.to_owned(),
+                    busy: 0.0,
+                    bytes: 0,
+                })
+            })
+            .collect();
+        let from_config = q::origins(self.catalog.pool())
+            .await?
+            .get(name)
+            .map(String::as_str)
+            == Some(ORIGIN_CONFIG);
+        let plan = planner::Plan {
+            kind: "drain",
+            pod: Some(name.to_owned()),
+            target: None,
+            moves,
+            bytes_to_move: 0,
+            before: Default::default(),
+            after: Default::default(),
+            note: if from_config {
+                format!("pod {name:?} comes from the config file: a reload or restart opens it to new tenants again unless its [[pod]] entry says accepting = false")
+            } else {
+                format!("pod {name:?} stays closed to new tenants until it is deleted")
+            },
+        };
+        // A drain is a plan job like a split: its moves run as child jobs, at most
+        // moves.max_concurrent at a time.
+        planner::ops::run_moves(self, "drain", Some(name), &plan, actor)
+            .await
+            .map_err(|e| match e.code {
+                // Two drains raced past the check above; the index kept one.
+                "catalog_unavailable" if e.message.contains("jobs_one_drain_per_pod") => {
+                    draining("another drain job started just now")
                 }
-            };
-            match job.state.as_str() {
-                "succeeded" => moved.push(json!({
-                    "tenant": c.tenant, "to": c.to, "job": c.job,
-                    "pause_ms": job.result.as_ref().and_then(|r| r.get("pause_ms").cloned()),
-                })),
-                "failed" | "cancelled" => failed.push(json!({
-                    "tenant": c.tenant, "to": c.to, "job": c.job,
-                    "error": job.error.unwrap_or_else(|| job.state.clone()),
-                })),
-                _ => still.push(c),
-            }
-        }
-        *running = still;
-    }
-
-    /// Cancels the moves still running and waits (bounded) for them to end.
-    async fn cancel(
-        &self,
-        mut running: Vec<ChildMove>,
-        mut moved: Vec<Value>,
-        mut failed: Vec<Value>,
-    ) -> Outcome {
-        for c in &running {
-            self.fleet.jobs.cancel(c.job);
-        }
-        let deadline = tokio::time::Instant::now() + DRAIN_CANCEL_WAIT;
-        while !running.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(DRAIN_POLL).await;
-            self.collect(&mut running, &mut moved, &mut failed).await;
-        }
-        let left: Vec<i64> = running.iter().map(|c| c.job).collect();
-        Outcome::Cancelled(format!(
-            "cancelled: {} tenant(s) moved off pod {:?} before the cancel; the others stay on it{}; the pod stays closed to new tenants",
-            moved.len(),
-            self.pod,
-            if left.is_empty() { String::new() } else { format!(" (moves {left:?} were still ending)") },
-        ))
+                _ => e,
+            })
     }
 }
