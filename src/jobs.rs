@@ -128,7 +128,9 @@ impl Jobs {
             };
             let (state, result, error) = match &outcome {
                 Outcome::Succeeded(r) => ("succeeded", Some(r), None),
-                Outcome::Failed { error, result } => ("failed", result.as_ref(), Some(error.as_str())),
+                Outcome::Failed { error, result } => {
+                    ("failed", result.as_ref(), Some(error.as_str()))
+                }
                 Outcome::Cancelled(m) => ("cancelled", None, Some(m.as_str())),
             };
             match &outcome {

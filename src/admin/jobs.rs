@@ -51,7 +51,9 @@ async fn resume_tenant(
     State(fleet): State<AppState>,
     Path(tenant): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    Ok(Json(json!(fleet.resume_tenant(&tenant, "admin-api").await?)))
+    Ok(Json(json!(
+        fleet.resume_tenant(&tenant, "admin-api").await?
+    )))
 }
 
 #[derive(Deserialize)]
@@ -87,10 +89,7 @@ fn unknown_job(id: i64) -> AppError {
     )
 }
 
-async fn get_job(
-    State(fleet): State<AppState>,
-    Path(id): Path<i64>,
-) -> ApiResult<Json<JobView>> {
+async fn get_job(State(fleet): State<AppState>, Path(id): Path<i64>) -> ApiResult<Json<JobView>> {
     let job = fleet.jobs.get(id).await.map_err(FleetError::from)?;
     Ok(Json(job.ok_or_else(|| unknown_job(id))?.into()))
 }

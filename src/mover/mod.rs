@@ -137,9 +137,10 @@ pub async fn start_move(
         ..Default::default()
     };
     let f = fleet.clone();
-    fleet
-        .jobs
-        .spawn(job.id, move |ctx| async move { run(f, ctx, checkpoint).await });
+    fleet.jobs.spawn(
+        job.id,
+        move |ctx| async move { run(f, ctx, checkpoint).await },
+    );
     Ok(job)
 }
 
@@ -155,8 +156,33 @@ async fn run(fleet: Arc<Fleet>, ctx: JobCtx, checkpoint: Checkpoint) -> Outcome 
         }
     };
     let mut mv = Move::new(fleet.clone(), ctx, checkpoint);
+    fleet
+        .metrics
+        .move_phases
+        .with_label_values(&[mv.phase])
+        .inc();
     let started = Instant::now();
     let outcome = mv.forward().await;
+    let outcome = finish(&mut mv, outcome, started).await;
+    mv.fleet
+        .metrics
+        .move_phases
+        .with_label_values(&[mv.phase])
+        .dec();
+    let label = match &outcome {
+        Outcome::Succeeded(_) => "succeeded",
+        Outcome::Failed { .. } => "failed",
+        Outcome::Cancelled(_) => "cancelled",
+    };
+    mv.fleet.metrics.moves.with_label_values(&[label]).inc();
+    outcome
+}
+
+async fn finish(
+    mv: &mut Move,
+    outcome: MoveResult<serde_json::Value>,
+    started: Instant,
+) -> Outcome {
     match outcome {
         Ok(mut result) => {
             result["duration_ms"] = json!(started.elapsed().as_millis() as u64);
@@ -171,10 +197,13 @@ async fn run(fleet: Arc<Fleet>, ctx: JobCtx, checkpoint: Checkpoint) -> Outcome 
             }))
         }
         Err(e) => {
+            let failed_in = mv.phase;
             let cleanup = mv.roll_back().await;
             let tail = match &cleanup {
                 Ok(()) => "; the tenant stays on its pod and nothing was left behind".to_owned(),
-                Err(c) => format!("; the tenant stays on its pod, and cleanup will be retried: {c}"),
+                Err(c) => {
+                    format!("; the tenant stays on its pod, and cleanup will be retried: {c}")
+                }
             };
             match e {
                 MoveError::Cancelled => Outcome::Cancelled(format!("cancelled{tail}")),
@@ -184,7 +213,7 @@ async fn run(fleet: Arc<Fleet>, ctx: JobCtx, checkpoint: Checkpoint) -> Outcome 
                 },
                 MoveError::Failed(m) => Outcome::Failed {
                     error: format!("{m}{tail}"),
-                    result: Some(json!({"phase": mv.phase, "attempts": mv.attempts})),
+                    result: Some(json!({"phase": failed_in, "attempts": mv.attempts})),
                 },
             }
         }
@@ -253,9 +282,17 @@ impl Move {
 
     async fn enter(&mut self, phase: &'static str) -> MoveResult<()> {
         self.check_cancel()?;
-        self.phase = phase;
+        self.switch_phase(phase);
         self.ctx.phase(phase).await?;
         Ok(())
+    }
+
+    /// Moves this move between the `podrouter_moves_in_phase` gauges.
+    fn switch_phase(&mut self, phase: &'static str) {
+        let gauges = &self.fleet.metrics.move_phases;
+        gauges.with_label_values(&[self.phase]).dec();
+        gauges.with_label_values(&[phase]).inc();
+        self.phase = phase;
     }
 
     /// Records `patch` in the checkpoint (memory and catalog).
@@ -390,11 +427,9 @@ impl Move {
         let conninfo = pg::conninfo(&self.admin_url(&source)?, &tenant);
         {
             let db = self.dst_db().await?;
-            let created = tokio::time::timeout(
-                STEP_TIMEOUT,
-                pg::create_subscription(db, &name, &conninfo),
-            )
-            .await;
+            let created =
+                tokio::time::timeout(STEP_TIMEOUT, pg::create_subscription(db, &name, &conninfo))
+                    .await;
             match created {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -440,7 +475,7 @@ impl Move {
 
         // --- cleanup (past the point of no return: errors leave the move done)
         let t = Instant::now();
-        self.phase = "cleanup";
+        self.switch_phase("cleanup");
         let _ = self.ctx.phase("cleanup").await;
         self.clean_up_after_switch().await?;
         self.time("cleanup", t);
@@ -470,13 +505,19 @@ impl Move {
         let (src, dst, tenant) = (&self.cp.source, &self.cp.target, &self.cp.tenant);
         let refuse = |m: String| Err(MoveError::Refused(m));
         if f.wal_level != "logical" {
-            return refuse(format!("pod {src:?} runs with wal_level={}; set wal_level = logical there and restart it", f.wal_level));
+            return refuse(format!(
+                "pod {src:?} runs with wal_level={}; set wal_level = logical there and restart it",
+                f.wal_level
+            ));
         }
         if f.free_slots < 3 {
             return refuse(format!("pod {src:?} has {} free replication slots, a move needs 3; raise max_replication_slots or drop unused slots", f.free_slots));
         }
         if f.free_senders < 3 {
-            return refuse(format!("pod {src:?} has {} free WAL senders, a move needs 3; raise max_wal_senders", f.free_senders));
+            return refuse(format!(
+                "pod {src:?} has {} free WAL senders, a move needs 3; raise max_wal_senders",
+                f.free_senders
+            ));
         }
         if f.large_objects > 0 {
             return refuse(format!("tenant {tenant:?} has {} large objects, which logical replication cannot move; store them in bytea columns first", f.large_objects));
@@ -515,7 +556,9 @@ impl Move {
     async fn ensure_roles(&mut self) -> MoveResult<()> {
         let table = self.fleet.table.load_full();
         let Some(route) = table.tenant(&self.cp.tenant) else {
-            return Err(MoveError::Failed("the tenant vanished from the catalog".into()));
+            return Err(MoveError::Failed(
+                "the tenant vanished from the catalog".into(),
+            ));
         };
         let target = self.cp.target.clone();
         let mut roles: Vec<_> = route.grants.iter().cloned().collect();
@@ -536,12 +579,19 @@ impl Move {
     /// `pg_dump --schema-only --create` of the source, restored with psql on the target.
     async fn copy_schema(&mut self) -> MoveResult<()> {
         let bins = crate::localpg::PgBinaries::find().map_err(|e| {
-            MoveError::Failed(format!("pg_dump and psql are needed for the schema copy: {e}"))
+            MoveError::Failed(format!(
+                "pg_dump and psql are needed for the schema copy: {e}"
+            ))
         })?;
         let src = pg::conninfo(&self.admin_url(&self.cp.source)?, &self.cp.tenant);
         let dst = pg::conninfo(&self.admin_url(&self.cp.target)?, "postgres");
         let dump = tokio::process::Command::new(bins.tool("pg_dump"))
-            .args(["--schema-only", "--create", "--no-publications", "--no-subscriptions"])
+            .args([
+                "--schema-only",
+                "--create",
+                "--no-publications",
+                "--no-subscriptions",
+            ])
             .arg("--dbname")
             .arg(&src)
             .stdin(std::process::Stdio::null())
@@ -607,7 +657,14 @@ impl Move {
                     .map_err(|e| MoveError::pod(&target, "watching the copy", e))?
             };
             if st.errors > 0 {
-                return Err(MoveError::pod(&target, "the initial copy", format!("the subscription reports {} errors; see the pod's server log", st.errors)));
+                return Err(MoveError::pod(
+                    &target,
+                    "the initial copy",
+                    format!(
+                        "the subscription reports {} errors; see the pod's server log",
+                        st.errors
+                    ),
+                ));
             }
             let pending: i64 = st
                 .syncing
@@ -709,7 +766,11 @@ impl Move {
             match self.cutover_once(cfg.pause_deadline.0).await {
                 Ok(v) => return Ok(v),
                 Err(MoveError::Failed(why)) => {
-                    tracing::info!(job = self.ctx.id, attempt = self.attempts, "cutover attempt gave up: {why}");
+                    tracing::info!(
+                        job = self.ctx.id,
+                        attempt = self.attempts,
+                        "cutover attempt gave up: {why}"
+                    );
                     last = why;
                     self.sleep(Duration::from_millis(500)).await?;
                     self.wait_caught_up().await?;
@@ -758,6 +819,11 @@ impl Move {
         }
         gate.resume();
         self.pause_ms = t0.elapsed().as_millis() as u64;
+        self.fleet
+            .metrics
+            .move_pause
+            .with_label_values(&[] as &[&str])
+            .observe(t0.elapsed().as_secs_f64());
         if r.is_ok() {
             tracing::info!(job = self.ctx.id, tenant = %self.cp.tenant, pause_ms = self.pause_ms, "tenant moved");
         }
@@ -839,9 +905,15 @@ impl Move {
         if Instant::now() >= deadline {
             return Err(past("the cutover"));
         }
-        let version = q::switch_route(self.fleet.catalog.pool(), self.ctx.id, &tenant, &source, &target)
-            .await?
-            .ok_or_else(|| MoveError::Failed("the tenant's route changed under the move".into()))?;
+        let version = q::switch_route(
+            self.fleet.catalog.pool(),
+            self.ctx.id,
+            &tenant,
+            &source,
+            &target,
+        )
+        .await?
+        .ok_or_else(|| MoveError::Failed("the tenant's route changed under the move".into()))?;
         self.cp.switched = true;
         // The local table now, without waiting for NOTIFY (others follow it).
         let moved = self
@@ -905,7 +977,7 @@ impl Move {
 
     /// Undoes everything before the switch: the tenant stays on its source.
     async fn roll_back(&mut self) -> MoveResult<()> {
-        self.phase = "rolling_back";
+        self.switch_phase("rolling_back");
         let _ = self.ctx.phase("rolling_back").await;
         // The job's own token may be cancelled; cleanup must still run.
         let r = roll_back_objects(&self.fleet, self.ctx.id, &mut self.cp, &mut self.conns).await;
@@ -933,7 +1005,9 @@ async fn roll_back_objects(
     let src_url = table.pods.get(&cp.source).map(|p| p.admin_url.clone());
     let dst_url = table.pods.get(&cp.target).map(|p| p.admin_url.clone());
     let mut problems = Vec::new();
-    let short = |pod: &str, what: &str, e: &sqlx::Error| format!("{what} on {pod:?}: {}", podadmin::short(e));
+    let short = |pod: &str, what: &str, e: &sqlx::Error| {
+        format!("{what} on {pod:?}: {}", podadmin::short(e))
+    };
     let mut src = match (&src_url, conns.src.take()) {
         (_, Some(c)) => Some(c),
         (Some(u), None) => match podadmin::connect(u, None).await {
@@ -993,7 +1067,11 @@ async fn roll_back_objects(
                     }
                     for (t, ident) in &cp.identity {
                         if let Err(e) = pg::set_identity(&mut db, t, ident).await {
-                            problems.push(short(&cp.source, &format!("restoring the replica identity of {t}"), &e));
+                            problems.push(short(
+                                &cp.source,
+                                &format!("restoring the replica identity of {t}"),
+                                &e,
+                            ));
                         }
                     }
                     let _ = db.close().await;
@@ -1048,7 +1126,15 @@ pub async fn recover(fleet: &Arc<Fleet>) {
             ),
         };
         tracing::warn!(job = job.id, kind = %job.kind, state, "recovered a job interrupted by a restart");
-        if let Err(e) = q::finish(fleet.catalog.pool(), job.id, state, result.as_ref(), error.as_deref()).await {
+        if let Err(e) = q::finish(
+            fleet.catalog.pool(),
+            job.id,
+            state,
+            result.as_ref(),
+            error.as_deref(),
+        )
+        .await
+        {
             tracing::error!(job = job.id, "cannot close the recovered job: {e}");
         }
     }
@@ -1065,7 +1151,11 @@ async fn recover_move(
             // Nothing was made yet (the checkpoint is written before the first step).
             let tenant = job.tenant.clone().unwrap_or_default();
             let _ = q::end_move(fleet.catalog.pool(), &tenant).await;
-            return ("failed", None, Some("interrupted by a router restart before it began; nothing to undo".into()));
+            return (
+                "failed",
+                None,
+                Some("interrupted by a router restart before it began; nothing to undo".into()),
+            );
         }
     };
     let mut conns = Conns {
@@ -1077,16 +1167,28 @@ async fn recover_move(
     if cp.switched {
         // Past the point of no return: finish the cleanup.
         let ctx_free = finish_cleanup(fleet, job.id, &mut cp).await;
-        let _ = q::checkpoint(fleet.catalog.pool(), job.id, &serde_json::to_value(&cp).expect("serialisable")).await;
+        let _ = q::checkpoint(
+            fleet.catalog.pool(),
+            job.id,
+            &serde_json::to_value(&cp).expect("serialisable"),
+        )
+        .await;
         return (
             "succeeded",
-            Some(json!({"from": cp.source, "to": cp.target, "recovered": true, "cleanup_pending": ctx_free.err()})),
+            Some(
+                json!({"from": cp.source, "to": cp.target, "recovered": true, "cleanup_pending": ctx_free.err()}),
+            ),
             None,
         );
     }
     let r = roll_back_objects(fleet, job.id, &mut cp, &mut conns).await;
     cp.pending_cleanup = r.is_err();
-    let _ = q::checkpoint(fleet.catalog.pool(), job.id, &serde_json::to_value(&cp).expect("serialisable")).await;
+    let _ = q::checkpoint(
+        fleet.catalog.pool(),
+        job.id,
+        &serde_json::to_value(&cp).expect("serialisable"),
+    )
+    .await;
     let _ = q::end_move(fleet.catalog.pool(), &cp.tenant).await;
     let msg = match r {
         Ok(()) => "interrupted by a router restart; rolled back: the tenant stays on its pod and nothing was left behind".to_owned(),
@@ -1120,7 +1222,10 @@ async fn finish_cleanup(fleet: &Arc<Fleet>, job: i64, cp: &mut Checkpoint) -> Re
                 // The publication lives inside the old database, closed to connections:
                 // it goes with that database at the end of the retention.
                 let kept = pg::kept_name(&cp.tenant, job);
-                if pg::database_exists(&mut src, &cp.tenant).await.unwrap_or(false) {
+                if pg::database_exists(&mut src, &cp.tenant)
+                    .await
+                    .unwrap_or(false)
+                {
                     match pg::rename_database(&mut src, &cp.tenant, &kept).await {
                         Ok(()) => cp.source_kept_as = Some(kept),
                         Err(e) => problems.push(format!("rename: {}", podadmin::short(&e))),
@@ -1149,39 +1254,78 @@ pub async fn janitor(fleet: Arc<Fleet>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Ok(jobs) = q::finished_with_flag(fleet.catalog.pool(), "move", "pending_cleanup").await {
+        if let Ok(jobs) =
+            q::finished_with_flag(fleet.catalog.pool(), "move", "pending_cleanup").await
+        {
             for job in jobs {
-                let Ok(mut cp) = serde_json::from_value::<Checkpoint>(job.checkpoint.clone()) else { continue };
+                let Ok(mut cp) = serde_json::from_value::<Checkpoint>(job.checkpoint.clone())
+                else {
+                    continue;
+                };
                 let r = if cp.switched {
-                    finish_cleanup(&fleet, job.id, &mut cp).await.map_err(MoveError::Failed)
+                    finish_cleanup(&fleet, job.id, &mut cp)
+                        .await
+                        .map_err(MoveError::Failed)
                 } else {
-                    let mut conns = Conns { src: None, src_db: None, dst: None, dst_db: None };
+                    let mut conns = Conns {
+                        src: None,
+                        src_db: None,
+                        dst: None,
+                        dst_db: None,
+                    };
                     roll_back_objects(&fleet, job.id, &mut cp, &mut conns).await
                 };
                 cp.pending_cleanup = r.is_err();
                 if r.is_ok() {
                     tracing::info!(job = job.id, "owed move cleanup done");
                 }
-                let _ = q::checkpoint(fleet.catalog.pool(), job.id, &serde_json::to_value(&cp).expect("serialisable")).await;
+                let _ = q::checkpoint(
+                    fleet.catalog.pool(),
+                    job.id,
+                    &serde_json::to_value(&cp).expect("serialisable"),
+                )
+                .await;
             }
         }
         let retention = fleet.config.load().moves.source_retention.0;
         if let Ok(jobs) = q::list(fleet.catalog.pool(), 1000).await {
-            for job in jobs.into_iter().filter(|j| j.kind == "move" && j.state == "succeeded") {
-                let Ok(mut cp) = serde_json::from_value::<Checkpoint>(job.checkpoint.clone()) else { continue };
-                let (Some(kept), false) = (cp.source_kept_as.clone(), cp.source_dropped) else { continue };
+            for job in jobs
+                .into_iter()
+                .filter(|j| j.kind == "move" && j.state == "succeeded")
+            {
+                let Ok(mut cp) = serde_json::from_value::<Checkpoint>(job.checkpoint.clone())
+                else {
+                    continue;
+                };
+                let (Some(kept), false) = (cp.source_kept_as.clone(), cp.source_dropped) else {
+                    continue;
+                };
                 let due = job.finished_at.is_some_and(|f| {
-                    chrono::Utc::now() - f > chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX)
+                    chrono::Utc::now() - f
+                        > chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX)
                 });
                 if !due {
                     continue;
                 }
-                let Some(url) = fleet.table.load().pods.get(&cp.source).map(|p| p.admin_url.clone()) else { continue };
+                let Some(url) = fleet
+                    .table
+                    .load()
+                    .pods
+                    .get(&cp.source)
+                    .map(|p| p.admin_url.clone())
+                else {
+                    continue;
+                };
                 if let Ok(mut src) = podadmin::connect(&url, None).await {
                     if pg::drop_database(&mut src, &kept).await.is_ok() {
                         tracing::info!(job = job.id, database = %kept, "dropped a moved tenant's old database past its retention");
                         cp.source_dropped = true;
-                        let _ = q::checkpoint(fleet.catalog.pool(), job.id, &json!({"source_dropped": true})).await;
+                        let _ = q::checkpoint(
+                            fleet.catalog.pool(),
+                            job.id,
+                            &json!({"source_dropped": true}),
+                        )
+                        .await;
                     }
                 }
             }

@@ -242,7 +242,10 @@ mod tests {
         assert!(drain.await.unwrap());
         let resumed_at = Instant::now();
         g.resume();
-        let passed_at = held.await.unwrap().expect("held session passes after resume");
+        let passed_at = held
+            .await
+            .unwrap()
+            .expect("held session passes after resume");
         assert!(passed_at >= resumed_at);
         assert_eq!(g.waiting(), 0);
     }
@@ -297,7 +300,11 @@ mod tests {
             g.pause("a test");
             assert!(g.drained(Instant::now() + HOLD).await);
             for _ in 0..20 {
-                assert_eq!(holding.load(SeqCst), 0, "a transaction started after the pause");
+                assert_eq!(
+                    holding.load(SeqCst),
+                    0,
+                    "a transaction started after the pause"
+                );
                 tokio::task::yield_now().await;
             }
             assert!(g.try_enter().is_none());
