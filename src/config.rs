@@ -144,7 +144,7 @@ impl std::fmt::Display for ByteSize {
         let b = self.0;
         match [("GB", 1u64 << 30), ("MB", 1 << 20), ("kB", 1 << 10)]
             .into_iter()
-            .find(|(_, size)| b >= *size && b % size == 0)
+            .find(|(_, size)| b >= *size && b.is_multiple_of(*size))
         {
             Some((name, size)) => write!(f, "{}{name}", b / size),
             None => write!(f, "{b}B"),

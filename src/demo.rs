@@ -299,7 +299,11 @@ async fn serve_demo(
         "# Written by `podrouter demo`; `podrouter serve --config {}` runs the same router.\n\
          [router]\nlisten = \"{}\"\nadmin_listen = \"{}\"\nhttp_listen = \"{}\"\n\
          catalog_url = \"{}\"\nadmin_token_file = \"admin.token\"\n\n\
-         [pool]\nmode = \"{}\"\nsize = {}\n",
+         [pool]\nmode = \"{}\"\nsize = {}\n\n\
+         # Lower than the defaults (200/s per address), so a few parallel curls show the 429.\n\
+         [limits]\nhttp_requests_per_ip = 50\nhttp_request_burst = 100\n\n\
+         # A split's new pod: a local cluster under provisioned/ (see the README).\n\
+         [provider]\nkind = \"local\"\n",
         dir.join("pods.toml").display(),
         opts.listen,
         opts.admin_listen,
@@ -384,8 +388,9 @@ async fn serve_demo(
     .map_err(io(&tmp))?;
     std::fs::rename(&tmp, &ready_path).map_err(io(&ready_path))?;
     println!(
-        "podrouter demo is ready:\n  psql postgres://{DEMO_ROLE}:{DEMO_PASSWORD}@{}/tenant1\n  admin API {}  (token in {})\n  podrouter --demo-dir {} tenants\nEdit {} and send SIGHUP (or `podrouter --demo-dir {} config reload`) to reload it.\nCtrl-C stops everything.",
+        "podrouter demo is ready:\n  psql postgres://{DEMO_ROLE}:{DEMO_PASSWORD}@{}/tenant1\n  curl -u {DEMO_ROLE}:{DEMO_PASSWORD} -H 'Podrouter-Tenant: tenant1' {}/v1/sql -d '{{\"query\": \"select count(*) from accounts\"}}'\n  admin API {}  (token in {})\n  podrouter --demo-dir {} tenants\nEdit {} and send SIGHUP (or `podrouter --demo-dir {} config reload`) to reload it.\nCtrl-C stops everything.",
         running.pg_addr,
+        ready["http_url"].as_str().unwrap_or("(no http_listen)"),
         ready["admin_url"].as_str().unwrap_or_default(),
         token_path.display(),
         dir.display(),

@@ -576,6 +576,37 @@ async fn a_paused_tenant_holds_http_queries_until_it_resumes() {
     let (done, a) = held.await.unwrap();
     assert!(done >= resumed);
     assert_eq!(a.body["rows"], json!([[2]]), "{}", a.body);
+
+    // A client that gives up mid-statement: its statement is cancelled on the pod too.
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let gone = impatient
+        .post(g.url("/v1/sql"))
+        .basic_auth(ROLE, Some(PASSWORD))
+        .header("podrouter-tenant", "acme")
+        .json(&json!({"query": "select pg_sleep(20)"}))
+        .send()
+        .await;
+    assert!(gone.is_err());
+    let admin = pod_admin(&g.f.pods[0], "postgres").await;
+    wait_for(
+        "the abandoned pg_sleep to be cancelled",
+        Duration::from_secs(5),
+        || async {
+            let n: i64 = admin
+                .query_one(
+                    "select count(*) from pg_stat_activity where state = 'active' and query like 'select pg_sleep(20)%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == 0).then_some(())
+        },
+    )
+    .await;
 }
 
 // === reverse proxy ===

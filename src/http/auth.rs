@@ -141,6 +141,7 @@ pub fn client_key(verifier: Verifier, password: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
 
     #[test]
     fn a_password_is_checked_against_its_verifier() {

@@ -15,7 +15,7 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<Duration>,
-    pub postgres: Option<PgErrorFields>,
+    pub postgres: Option<Box<PgErrorFields>>,
     /// Which statement of a batch failed (0-based).
     pub statement: Option<usize>,
 }
@@ -88,7 +88,7 @@ impl ApiError {
                     _ => StatusCode::BAD_REQUEST,
                 };
                 ApiError {
-                    postgres: Some(pg.clone()),
+                    postgres: Some(Box::new(pg.clone())),
                     ..ApiError::new(status, "postgres_error", pg.message)
                 }
             }
@@ -102,14 +102,14 @@ impl ApiError {
                 format!("the result is larger than {n} bytes (http.max_response); select fewer rows or columns"),
             ),
             ExecError::Timeout(d) => ApiError {
-                postgres: Some(PgErrorFields {
+                postgres: Some(Box::new(PgErrorFields {
                     severity: "ERROR".into(),
                     sqlstate: "57014".into(),
                     message: "canceling statement due to statement timeout".into(),
                     detail: None,
                     hint: None,
                     position: None,
-                }),
+                })),
                 ..ApiError::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     "statement_timeout",

@@ -138,7 +138,8 @@ mod tests {
         let check = |pairs: &[(&str, &str)], want: Option<&str>| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
-                h.insert(*k, v.parse().unwrap());
+                let name = axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap();
+                h.insert(name, v.parse().unwrap());
             }
             assert_eq!(tenant_of(&h).as_deref(), want, "{pairs:?}");
         };

@@ -302,6 +302,9 @@ fn source_is<E: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 /// and the pod named.
 fn answer(resp: axum::http::Response<hyper::body::Incoming>, pod: &str) -> Response {
     let (mut parts, body) = resp.into_parts();
+    // This hop is HTTP/1.1 whatever the upstream spoke (an HTTP/1.0 answer would end the
+    // client's keep-alive connection).
+    parts.version = axum::http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     if let Ok(v) = HeaderValue::from_str(pod) {
         parts.headers.insert(HeaderName::from_static(POD_HEADER), v);

@@ -11,18 +11,19 @@
 use super::error::ApiError;
 use super::pg::{Caps, Conversation, ExecError, QueryResult};
 use super::{auth, tenant_of, Gateway};
+use crate::proxy::cancel::{send_cancel, BackendTarget};
 use crate::proxy::pool::{Checkout, CheckoutError, Pool};
 use crate::proxy::server::params_signature;
 use crate::proxy::Proxy;
-use crate::routing::pause::GatePass;
+use crate::routing::pause::{GatePass, Held};
 use crate::routing::{RoleAuth, TenantRoute};
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,14 @@ struct SqlRequest {
     queries: Option<Vec<Statement>>,
 }
 
+/// The answer: one statement's result, or a batch's results in order.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Answer {
+    One(QueryResult),
+    Batch { results: Vec<QueryResult> },
+}
+
 pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     match run(&gw, req).await {
         Ok(v) => Json(v).into_response(),
@@ -64,7 +73,7 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     }
 }
 
-async fn run(gw: &Gateway, req: Request) -> Result<Value, ApiError> {
+async fn run(gw: &Gateway, req: Request) -> Result<Answer, ApiError> {
     let (parts, body) = req.into_parts();
     let tenant_name = tenant_of(&parts.headers).ok_or_else(ApiError::no_tenant)?;
     let creds = auth::basic(&parts.headers).ok_or_else(|| {
@@ -152,18 +161,42 @@ async fn run(gw: &Gateway, req: Request) -> Result<Value, ApiError> {
     };
 
     let (mut co, pool, _pass) = checkout_for_http(proxy, &tenant, &role, client_key).await?;
+    // A client that goes away mid-request drops this future and with it the connection;
+    // the cancel stops what the backend was running for it.
+    let cancel = CancelOnDrop(Some(BackendTarget {
+        addr: co.conn.addr,
+        pid: co.conn.backend_pid,
+        secret: co.conn.backend_secret,
+    }));
     let outcome = execute(&mut co, &statements, batch, caps).await;
+    cancel.disarm();
     match &outcome {
         Err((e, _)) if e.breaks_connection() => drop(co),
         _ => pool.release(co),
     }
     let results = outcome.map_err(|(e, i)| ApiError::from_exec(e).at_statement(i))?;
     Ok(if batch {
-        json!({ "results": results })
+        Answer::Batch { results }
     } else {
-        serde_json::to_value(results.into_iter().next().expect("one statement"))
-            .expect("results serialise")
+        Answer::One(results.into_iter().next().expect("one statement"))
     })
+}
+
+/// Sends a CancelRequest for a backend when dropped before [`CancelOnDrop::disarm`].
+struct CancelOnDrop(Option<BackendTarget>);
+
+impl CancelOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(target) = self.0.take() {
+            tokio::spawn(send_cancel(target));
+        }
+    }
 }
 
 /// Runs the statements; the connection is idle and clean afterwards unless the error says
@@ -288,13 +321,18 @@ pub async fn checkout_for_http(
             .enter(settings.pause_hold, settings.max_held_clients)
             .await
             .map_err(|held| {
+                let why = match held {
+                    Held::QueueFull { limit, reason } => {
+                        format!("is paused by {reason} and {limit} clients already wait")
+                    }
+                    Held::TimedOut { waited, reason } => {
+                        format!("is paused by {reason} and did not resume within {waited:?}")
+                    }
+                };
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "tenant_paused",
-                    format!(
-                        "tenant \"{}\" is paused ({held:?}); retry shortly",
-                        tenant.name
-                    ),
+                    format!("tenant \"{}\" {why}; retry shortly", tenant.name),
                 )
                 .retry_after(Duration::from_secs(1))
             })?,
