@@ -126,7 +126,8 @@ impl FromStr for ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let bad = || format!("{s:?} is not a size: write e.g. \"512kB\", \"1MB\" or a number of bytes");
+        let bad =
+            || format!("{s:?} is not a size: write e.g. \"512kB\", \"1MB\" or a number of bytes");
         let n: u64 = num.parse().map_err(|_| bad())?;
         let scale: u64 = match unit.trim() {
             "" | "B" => 1,
@@ -816,39 +817,84 @@ impl Config {
         let bad = |f: &str, p: String, fix: &str| Err((f.to_owned(), p, fix.to_owned()));
         let m = &self.metrics;
         if m.top_tenants > 1000 {
-            return bad("metrics.top_tenants", format!("{} is out of range", m.top_tenants), "use 0 to 1000 (each labelled tenant adds series)");
+            return bad(
+                "metrics.top_tenants",
+                format!("{} is out of range", m.top_tenants),
+                "use 0 to 1000 (each labelled tenant adds series)",
+            );
         }
-        for (f, d) in [("metrics.sample_every", m.sample_every), ("metrics.size_every", m.size_every), ("metrics.load_window", m.load_window)] {
+        for (f, d) in [
+            ("metrics.sample_every", m.sample_every),
+            ("metrics.size_every", m.size_every),
+            ("metrics.load_window", m.load_window),
+        ] {
             if d.0 < Duration::from_millis(100) || d.0 > Duration::from_secs(24 * 3600) {
-                return bad(f, format!("{d} is out of range"), "use a duration between 100ms and 24h, e.g. \"5s\"");
+                return bad(
+                    f,
+                    format!("{d} is out of range"),
+                    "use a duration between 100ms and 24h, e.g. \"5s\"",
+                );
             }
         }
         let w = &self.autopilot.split_when;
-        for (f, r) in [("autopilot.split_when.busy_ratio", w.busy_ratio), ("autopilot.split_when.connections_ratio", w.connections_ratio), ("autopilot.split_when.disk_ratio", w.disk_ratio)] {
+        for (f, r) in [
+            ("autopilot.split_when.busy_ratio", w.busy_ratio),
+            (
+                "autopilot.split_when.connections_ratio",
+                w.connections_ratio,
+            ),
+            ("autopilot.split_when.disk_ratio", w.disk_ratio),
+        ] {
             if !(r.is_finite() && r > 0.0 && r <= 10.0) {
-                return bad(f, format!("{r} is out of range"), "use a ratio above 0, e.g. 0.75");
+                return bad(
+                    f,
+                    format!("{r} is out of range"),
+                    "use a ratio above 0, e.g. 0.75",
+                );
             }
         }
         if self.autopilot.max_concurrent_moves == 0 || self.autopilot.max_concurrent_moves > 64 {
-            return bad("autopilot.max_concurrent_moves", format!("{} is out of range", self.autopilot.max_concurrent_moves), "use 1 to 64");
+            return bad(
+                "autopilot.max_concurrent_moves",
+                format!("{} is out of range", self.autopilot.max_concurrent_moves),
+                "use 1 to 64",
+            );
         }
         if let Some(p) = &self.provider {
-            if p.kind == ProviderKind::Command && p.command.as_deref().is_none_or(|c| c.trim().is_empty()) {
-                return bad("provider.command", "kind = \"command\" needs a command".into(), "set command = \"/path/to/new-pod.sh\" (it prints the new primary's URL)");
+            if p.kind == ProviderKind::Command
+                && p.command.as_deref().is_none_or(|c| c.trim().is_empty())
+            {
+                return bad(
+                    "provider.command",
+                    "kind = \"command\" needs a command".into(),
+                    "set command = \"/path/to/new-pod.sh\" (it prints the new primary's URL)",
+                );
             }
         }
         for (i, pod) in self.pods.iter().enumerate() {
             if let Some(url) = &pod.node_exporter {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return bad(&format!("pod[{i}].node_exporter"), format!("{url:?} is not an HTTP URL"), "write http://HOST:9100/metrics");
+                    return bad(
+                        &format!("pod[{i}].node_exporter"),
+                        format!("{url:?} is not an HTTP URL"),
+                        "write http://HOST:9100/metrics",
+                    );
                 }
             }
             if let Some(c) = &pod.capacity {
                 if !(c.busy.is_finite() && c.busy > 0.0) {
-                    return bad(&format!("pod[{i}].capacity.busy"), format!("{} is out of range", c.busy), "use the server busy seconds per second the pod sustains, e.g. 4.0");
+                    return bad(
+                        &format!("pod[{i}].capacity.busy"),
+                        format!("{} is out of range", c.busy),
+                        "use the server busy seconds per second the pod sustains, e.g. 4.0",
+                    );
                 }
                 if c.connections == Some(0) || c.disk_bytes == Some(0) {
-                    return bad(&format!("pod[{i}].capacity"), "a capacity of 0".into(), "leave it out to use the pod's own figures");
+                    return bad(
+                        &format!("pod[{i}].capacity"),
+                        "a capacity of 0".into(),
+                        "leave it out to use the pod's own figures",
+                    );
                 }
             }
         }
@@ -1092,9 +1138,21 @@ impl Config {
         }
         let m = &self.moves;
         for (field, d, max) in [
-            ("moves.pause_deadline", m.pause_deadline, Duration::from_secs(60)),
-            ("moves.operator_pause_hold", m.operator_pause_hold, Duration::from_secs(3600)),
-            ("moves.catch_up_timeout", m.catch_up_timeout, Duration::from_secs(7 * 24 * 3600)),
+            (
+                "moves.pause_deadline",
+                m.pause_deadline,
+                Duration::from_secs(60),
+            ),
+            (
+                "moves.operator_pause_hold",
+                m.operator_pause_hold,
+                Duration::from_secs(3600),
+            ),
+            (
+                "moves.catch_up_timeout",
+                m.catch_up_timeout,
+                Duration::from_secs(7 * 24 * 3600),
+            ),
         ] {
             if d.0 < Duration::from_millis(10) || d.0 > max {
                 return Err(invalid(
@@ -1247,9 +1305,24 @@ impl Config {
     ) -> Result<(), ConfigError> {
         let (l, h) = (&self.limits, &self.http);
         for (field, rate, burst, burst_field) in [
-            ("limits.wire_connections_per_ip", l.wire_connections_per_ip, l.wire_connection_burst, "limits.wire_connection_burst"),
-            ("limits.http_requests_per_ip", l.http_requests_per_ip, l.http_request_burst, "limits.http_request_burst"),
-            ("limits.http_requests_per_tenant", l.http_requests_per_tenant, l.http_tenant_burst, "limits.http_tenant_burst"),
+            (
+                "limits.wire_connections_per_ip",
+                l.wire_connections_per_ip,
+                l.wire_connection_burst,
+                "limits.wire_connection_burst",
+            ),
+            (
+                "limits.http_requests_per_ip",
+                l.http_requests_per_ip,
+                l.http_request_burst,
+                "limits.http_request_burst",
+            ),
+            (
+                "limits.http_requests_per_tenant",
+                l.http_requests_per_tenant,
+                l.http_tenant_burst,
+                "limits.http_tenant_burst",
+            ),
         ] {
             if rate > 0 && burst == 0 {
                 return Err(invalid(
@@ -1260,14 +1333,26 @@ impl Config {
             }
         }
         for (field, n, fix) in [
-            ("limits.http_in_flight_per_ip", l.http_in_flight_per_ip, "e.g. 64"),
+            (
+                "limits.http_in_flight_per_ip",
+                l.http_in_flight_per_ip,
+                "e.g. 64",
+            ),
             ("limits.http_in_flight", l.http_in_flight, "e.g. 1024"),
-            ("limits.http_connections_per_ip", l.http_connections_per_ip, "e.g. 256"),
+            (
+                "limits.http_connections_per_ip",
+                l.http_connections_per_ip,
+                "e.g. 256",
+            ),
             ("limits.max_tracked_keys", l.max_tracked_keys, "e.g. 100000"),
             ("http.max_rows", h.max_rows, "e.g. 10000"),
         ] {
             if n == 0 {
-                return Err(invalid(field, "0 would refuse every request".into(), &format!("set it to at least 1, {fix}")));
+                return Err(invalid(
+                    field,
+                    "0 would refuse every request".into(),
+                    &format!("set it to at least 1, {fix}"),
+                ));
             }
         }
         for (field, d) in [
@@ -1278,7 +1363,11 @@ impl Config {
             ("http.upstream_timeout", h.upstream_timeout),
         ] {
             if d.0 < Duration::from_millis(10) || d.0 > Duration::from_secs(3600) {
-                return Err(invalid(field, format!("{d} is out of range"), "use a duration between 10ms and 1h, e.g. \"5s\""));
+                return Err(invalid(
+                    field,
+                    format!("{d} is out of range"),
+                    "use a duration between 10ms and 1h, e.g. \"5s\"",
+                ));
             }
         }
         for (field, b) in [
@@ -1287,7 +1376,11 @@ impl Config {
             ("http.max_response", h.max_response),
         ] {
             if b.0 == 0 || b.0 > 1 << 32 {
-                return Err(invalid(field, format!("{b} is out of range"), "use a size between 1B and 4GB, e.g. \"1MB\""));
+                return Err(invalid(
+                    field,
+                    format!("{b} is out of range"),
+                    "use a size between 1B and 4GB, e.g. \"1MB\"",
+                ));
             }
         }
         Ok(())
@@ -1778,17 +1871,29 @@ primary = "postgres://postgres@127.0.0.1:5433"
 
     #[test]
     fn limits_are_validated_and_sizes_parse() {
-        check("[limits]\nhttp_requests_per_ip = 10\nhttp_request_burst = 20\n", "");
-        check("[limits]\nhttp_requests_per_ip = 0\nhttp_request_burst = 0\n", "");
+        check(
+            "[limits]\nhttp_requests_per_ip = 10\nhttp_request_burst = 20\n",
+            "",
+        );
+        check(
+            "[limits]\nhttp_requests_per_ip = 0\nhttp_request_burst = 0\n",
+            "",
+        );
         check(
             "[limits]\nhttp_request_burst = 0\n",
             "limits.http_request_burst: 0 would refuse",
         );
         check("[limits]\nhttp_in_flight = 0\n", "limits.http_in_flight");
-        check("[limits]\nhttp_header_timeout = \"0s\"\n", "limits.http_header_timeout");
+        check(
+            "[limits]\nhttp_header_timeout = \"0s\"\n",
+            "limits.http_header_timeout",
+        );
         check("[limits]\nhttp_max_body = \"2XB\"\n", "is not a size");
         check("[http]\nmax_rows = 0\n", "http.max_rows");
-        check("[http]\nstatement_timeout = \"2h\"\n", "http.statement_timeout");
+        check(
+            "[http]\nstatement_timeout = \"2h\"\n",
+            "http.statement_timeout",
+        );
         for (s, b) in [("512kB", 512 << 10), ("1MB", 1 << 20), ("7", 7), ("3B", 3)] {
             let parsed: ByteSize = s.parse().unwrap();
             assert_eq!(parsed.0, b, "{s}");

@@ -416,7 +416,10 @@ impl Fleet {
         }
         for name in self.proxy.gates.paused() {
             let gate = self.proxy.gates.get(&name);
-            let still = table.tenants.get(&name).is_some_and(|t| t.state == "paused");
+            let still = table
+                .tenants
+                .get(&name)
+                .is_some_and(|t| t.state == "paused");
             if !still && gate.reason() == OPERATOR {
                 gate.resume();
             }
@@ -431,7 +434,10 @@ impl Fleet {
             return Err(FleetError::new(
                 ErrorKind::Conflict,
                 "tenant_busy",
-                format!("tenant {name:?} is {}; only an active tenant can be paused", t.state),
+                format!(
+                    "tenant {name:?} is {}; only an active tenant can be paused",
+                    t.state
+                ),
             ));
         }
         self.reload_routes().await?;
@@ -449,7 +455,10 @@ impl Fleet {
 
     /// Stores a table derived from the current one (a committed route switch), in order with
     /// `reload_routes`.
-    pub async fn store_routes(&self, change: impl FnOnce(&RoutingTable) -> Option<RoutingTable>) -> bool {
+    pub async fn store_routes(
+        &self,
+        change: impl FnOnce(&RoutingTable) -> Option<RoutingTable>,
+    ) -> bool {
         let _one_at_a_time = self.routes_lock.lock().await;
         match change(&self.table.load()) {
             Some(t) => {

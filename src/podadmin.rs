@@ -27,16 +27,34 @@ pub async fn ensure_role(conn: &mut PgConnection, name: &str, verifier: &str) ->
         .fetch_optional(&mut *conn)
         .await?
         .is_some();
-    let verb = if exists { "ALTER" } else { "CREATE" };
     // A verifier given as the password is stored as-is by Postgres (never re-hashed).
-    let sql = format!(
-        "{verb} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}",
-        quote_ident(name),
-        quote_literal(verifier)
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&mut *conn)
-        .await?;
+    let sql = |verb: &str| {
+        format!(
+            "{verb} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}",
+            quote_ident(name),
+            quote_literal(verifier)
+        )
+    };
+    let made = sqlx::raw_sql(sqlx::AssertSqlSafe(sql(if exists {
+        "ALTER"
+    } else {
+        "CREATE"
+    })))
+    .execute(&mut *conn)
+    .await;
+    match made {
+        // Created by another session since the check (two moves to one new pod at once).
+        Err(sqlx::Error::Database(d))
+            if !exists && matches!(d.code().as_deref(), Some("23505" | "42710")) =>
+        {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql("ALTER")))
+                .execute(&mut *conn)
+                .await?;
+        }
+        other => {
+            other?;
+        }
+    }
     Ok(())
 }
 

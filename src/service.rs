@@ -115,8 +115,14 @@ pub async fn start_with_source(
 
     tracker.spawn(follow_catalog(fleet.clone(), shutdown.clone()));
     tracker.spawn(crate::health::monitor(fleet.clone(), shutdown.clone()));
-    tracker.spawn(crate::metrics::sampler::run(fleet.clone(), shutdown.clone()));
-    tracker.spawn(crate::planner::autopilot::run(fleet.clone(), shutdown.clone()));
+    tracker.spawn(crate::metrics::sampler::run(
+        fleet.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(crate::planner::autopilot::run(
+        fleet.clone(),
+        shutdown.clone(),
+    ));
     tracker.spawn(crate::mover::janitor(fleet.clone(), shutdown.clone()));
     tracker.spawn(crate::proxy::serve(
         fleet.proxy.clone(),
