@@ -194,9 +194,9 @@ async fn sampler_follows_a_pod_under_pgbench() {
         .expect("prometheus-node-exporter (apt-get install prometheus-node-exporter)");
     let mut f = TestFleet::start(Options {
         replicas: 1,
-        config_extra: format!(
+        config_extra:
             "\n[metrics]\nsample_every = \"250ms\"\nsize_every = \"1s\"\nload_window = \"2s\"\n"
-        ),
+                .to_owned(),
         ..Options::default()
     })
     .await;

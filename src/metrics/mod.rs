@@ -917,7 +917,8 @@ mod tests {
         let mut l = Labels::default();
         let t0 = Instant::now();
         let mut last: BTreeMap<String, u64> = BTreeMap::new();
-        let steps: &[(&[(&str, u64)], usize, &[(&str, u64)])] = &[
+        type Counts<'a> = &'a [(&'a str, u64)];
+        let steps: &[(Counts, usize, Counts)] = &[
             // a gets the label at the first scrape: other never showed it, so it keeps none.
             (&[("a", 10), ("b", 1)], 1, &[("a", 10), ("other", 1)]),
             (&[("a", 20), ("b", 2)], 1, &[("a", 20), ("other", 2)]),

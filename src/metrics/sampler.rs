@@ -331,8 +331,11 @@ async fn read_exporter(
     }
 }
 
+/// A metric's labels as (name, value) pairs.
+type Labels = Vec<(String, String)>;
+
 /// One sample line of the Prometheus text format: name, labels, value.
-fn parse_line(line: &str) -> Option<(&str, Vec<(String, String)>, f64)> {
+fn parse_line(line: &str) -> Option<(&str, Labels, f64)> {
     let line = line.trim();
     if line.is_empty() || line.starts_with('#') {
         return None;
