@@ -694,7 +694,8 @@ pub struct AutopilotConfig {
     pub mode: AutopilotMode,
     #[serde(default)]
     pub split_when: SplitWhen,
-    /// After a split of a pod, how long before the autopilot acts on that pod again.
+    /// In `apply` mode: after a job the autopilot started ends, how long before it starts
+    /// another (on any pod), so the figures settle first.
     #[serde(default = "observe_defaults::cooldown")]
     pub cooldown: Dur,
     /// Moves an applied split runs at once.

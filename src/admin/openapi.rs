@@ -3,7 +3,7 @@
 //! Every operation is declared here with `#[utoipa::path]` on a documentation-only function,
 //! and its bodies as `ToSchema` types that mirror what the handlers send and accept. The
 //! handlers live in several files owned by different parts of the code; keeping the contract
-//! in one file makes it reviewable as a whole. `tests/admin_jobs.rs` keeps it true: every
+//! in one file makes it reviewable as a whole. `tests/it/admin_jobs.rs` keeps it true: every
 //! route of `app()` must appear here with its methods, every operation here must reach a
 //! handler, and real responses must have exactly the documented fields.
 

@@ -710,9 +710,8 @@ impl Move {
     /// write transaction on the tenant is older than half the pause deadline.
     async fn wait_caught_up(&mut self) -> MoveResult<()> {
         let cfg = self.fleet.config.load().moves.clone();
-        let (source, target, name, tenant) = (
+        let (source, name, tenant) = (
             self.cp.source.clone(),
-            self.cp.target.clone(),
             self.name.clone(),
             self.cp.tenant.clone(),
         );
@@ -726,10 +725,10 @@ impl Move {
                     .map_err(|e| MoveError::pod(&source, "reading the WAL position", e))?
             };
             let applied = {
-                let db = self.dst_db().await?;
-                pg::applied_lsn(db, &name)
+                let src = self.src().await?;
+                pg::confirmed_lsn(src, &name)
                     .await
-                    .map_err(|e| MoveError::pod(&target, "reading the subscription", e))?
+                    .map_err(|e| MoveError::pod(&source, "reading the replication slot", e))?
             };
             let lag = applied.map(|a| (head - a).max(0));
             let writers = {
@@ -871,11 +870,11 @@ impl Move {
             .map_err(|_| past("reading the WAL position"))?
             .map_err(|e| MoveError::pod(&source, "reading the WAL position", e))?;
         loop {
-            let db = self.dst_db().await?;
-            let applied = tokio::time::timeout_at(deadline, pg::applied_lsn(db, &name))
+            let src = self.src().await?;
+            let applied = tokio::time::timeout_at(deadline, pg::confirmed_lsn(src, &name))
                 .await
                 .map_err(|_| past("waiting for the target"))?
-                .map_err(|e| MoveError::pod(&target, "reading the subscription", e))?;
+                .map_err(|e| MoveError::pod(&source, "reading the replication slot", e))?;
             if applied.is_some_and(|a| a >= lsn) {
                 break;
             }

@@ -182,12 +182,15 @@ pub async fn drop_publication(db: &mut PgConnection, name: &str) -> Result<()> {
 }
 
 /// Creates the subscription on the target's tenant database; its slot (same name) is made
-/// on the source, and the initial copy starts at once.
+/// on the source, and the initial copy starts at once. Its apply worker commits
+/// synchronously, so it confirms each source transaction as soon as it is applied: with
+/// the subscription default (`off`) the confirmation waits for the target's WAL writer, and
+/// that wait would sit inside the cutover pause.
 pub async fn create_subscription(db: &mut PgConnection, name: &str, conninfo: &str) -> Result<()> {
     exec(
         db,
         format!(
-            "CREATE SUBSCRIPTION {n} CONNECTION {c} PUBLICATION {n} WITH (copy_data = true, slot_name = {s})",
+            "CREATE SUBSCRIPTION {n} CONNECTION {c} PUBLICATION {n} WITH (copy_data = true, slot_name = {s}, synchronous_commit = 'on')",
             n = quote_ident(name),
             c = quote_literal(conninfo),
             s = quote_literal(name),
@@ -326,15 +329,17 @@ pub async fn flushed_wal_position(conn: &mut PgConnection) -> Result<i64> {
     Ok(lsn)
 }
 
-/// The source WAL position the subscription has acknowledged receiving and applying
-/// (bytes from 0/0); None before its first report.
-pub async fn applied_lsn(db: &mut PgConnection, name: &str) -> Result<Option<i64>> {
+/// The source WAL position up to which the subscriber has applied and flushed every
+/// transaction (bytes from 0/0), read from the source slot's `confirmed_flush_lsn`; None
+/// before its first report. (The subscriber's `pg_stat_subscription.latest_end_lsn` is not
+/// this: it follows the sender's keepalives, so it can run ahead of what was applied.)
+pub async fn confirmed_lsn(src: &mut PgConnection, slot: &str) -> Result<Option<i64>> {
     sqlx::query_scalar(
-        "SELECT (latest_end_lsn - '0/0'::pg_lsn)::int8 FROM pg_stat_subscription
-          WHERE subname = $1 AND relid IS NULL",
+        "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots
+          WHERE slot_name = $1",
     )
-    .bind(name)
-    .fetch_optional(db)
+    .bind(slot)
+    .fetch_optional(src)
     .await
     .map(Option::flatten)
 }

@@ -3,7 +3,9 @@
 //! watched; once it has stayed over for `split_when.for`, a split recommendation stands for
 //! it (with the plan and the figures) at `GET /v1/recommendations` and as
 //! `podrouter_autopilot_recommendations`. In `apply` mode the autopilot also starts that
-//! split — one at a time, and not again on the same pod within `cooldown`. Every decision
+//! split — one change at a time, then nothing more until `cooldown` has passed since that
+//! job ended, so the figures settle (the moved load leaves the source's window and shows on
+//! the new pod) before it judges again: no flapping. Every decision
 //! (recommended, cleared, applied, failed) is audited with the figures that caused it.
 
 use super::load::{self, PodFigures};
@@ -45,7 +47,6 @@ struct Watch {
     over_since: Option<(Instant, DateTime<Utc>)>,
     /// The standing recommendation was audited (so it is audited once, and its clearing too).
     announced: bool,
-    last_applied: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -54,6 +55,8 @@ pub struct Autopilot {
     watch: Mutex<HashMap<String, Watch>>,
     /// The split job the autopilot started last, while it may still run.
     job: Mutex<Option<i64>>,
+    /// No new action before this: `cooldown` after the last job ended.
+    quiet_until: Mutex<Option<Instant>>,
 }
 
 impl Autopilot {
@@ -232,28 +235,27 @@ pub async fn evaluate(fleet: &Arc<Fleet>) -> Result<(), crate::fleet::FleetError
     Ok(())
 }
 
-/// Starts the first ready split that is not cooling down, unless one the autopilot started
-/// still runs.
+/// Starts the first ready split, unless a job the autopilot started still runs or the
+/// fleet is within `cooldown` of that job's end.
 async fn apply(fleet: &Arc<Fleet>, recs: &[Recommendation]) {
     let pilot = &fleet.planner.autopilot;
     let cooldown = fleet.config.load().autopilot.cooldown.0;
-    let running = (*pilot.job.lock()).is_some_and(|id| fleet.jobs.is_running(id));
-    if running {
+    let last = *pilot.job.lock();
+    if let Some(id) = last {
+        if fleet.jobs.is_running(id) {
+            return;
+        }
+        *pilot.job.lock() = None;
+        *pilot.quiet_until.lock() = Some(Instant::now() + cooldown);
+        tracing::info!(
+            job = id,
+            "autopilot: its split ended; quiet for {cooldown:?}"
+        );
+    }
+    if pilot.quiet_until.lock().is_some_and(|t| Instant::now() < t) {
         return;
     }
-    for r in recs.iter().filter(|r| r.ready) {
-        let cooling = pilot
-            .watch
-            .lock()
-            .get(&r.pod)
-            .and_then(|w| w.last_applied)
-            .is_some_and(|t| t.elapsed() < cooldown);
-        if cooling {
-            continue;
-        }
-        if let Some(w) = pilot.watch.lock().get_mut(&r.pod) {
-            w.last_applied = Some(Instant::now());
-        }
+    if let Some(r) = recs.iter().find(|r| r.ready) {
         let figures = serde_json::json!({"reason": r.reason, "figures": r.figures, "plan": r.plan});
         match ops::start_split(fleet, &r.pod, None, "autopilot").await {
             Ok(job) => {
@@ -279,9 +281,10 @@ async fn apply(fleet: &Arc<Fleet>, recs: &[Recommendation]) {
                     .with_label_values(&[r.pod.as_str(), "split", "failed"])
                     .inc();
                 audit(fleet, "autopilot.apply_failed", &r.pod, serde_json::json!({"decision": figures, "error": {"code": e.code, "message": e.message}})).await;
+                // A refusal (no provider, say) is not retried at every round either.
+                *pilot.quiet_until.lock() = Some(Instant::now() + cooldown);
             }
         }
-        return; // one split at a time
     }
 }
 

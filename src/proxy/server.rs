@@ -260,12 +260,22 @@ impl ServerConn {
     /// Runs a simple query issued by the router itself, swallowing its results. ParameterStatus
     /// messages update `params`. Any error leaves the connection unusable (the caller drops it).
     pub async fn simple_query(&mut self, sql: &str, timeout: Duration) -> Result<(), ServerError> {
+        self.query_values(sql, timeout).await.map(drop)
+    }
+
+    /// [`Self::simple_query`] that also returns the first column of every row, as text.
+    pub async fn query_values(
+        &mut self,
+        sql: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Option<String>>, ServerError> {
         let fut = async {
             let mut out = BytesMut::new();
             frontend::query(sql, &mut out).map_err(|e| ServerError::Protocol(e.to_string()))?;
             self.stream.write_all(&out).await?;
             let mut buf = BytesMut::with_capacity(1024);
             let mut failed = None;
+            let mut values = Vec::new();
             loop {
                 match self.read_message(&mut buf).await {
                     Ok(Message::ReadyForQuery(r)) => {
@@ -276,7 +286,7 @@ impl ServerConn {
                         }
                         return match failed {
                             Some(e) => Err(ServerError::Postgres(e)),
-                            None => Ok(()),
+                            None => Ok(values),
                         };
                     }
                     Ok(Message::ParameterStatus(p)) => {
@@ -284,6 +294,16 @@ impl ServerConn {
                             let (n, v) = (n.to_owned(), v.to_owned());
                             self.set_param(&n, &v);
                         }
+                    }
+                    Ok(Message::DataRow(row)) => {
+                        use fallible_iterator::FallibleIterator;
+                        let first = row
+                            .ranges()
+                            .next()
+                            .map_err(|e| ServerError::Protocol(e.to_string()))?
+                            .flatten()
+                            .map(|r| String::from_utf8_lossy(&row.buffer()[r]).into_owned());
+                        values.push(first);
                     }
                     Ok(_) => {}
                     Err(ServerError::Postgres(e)) => failed = Some(e),
@@ -372,8 +392,13 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// A string literal that reads the same whatever `standard_conforming_strings` is.
 pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+    if s.contains('\\') {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", s.replace('\'', "''"))
+    }
 }
 
 /// Splits an ErrorResponse into the fields the router looks at.

@@ -45,8 +45,8 @@ enum Attached {
     ClientBroke(RouterError),
     /// The router is shutting down and the session was at a clean point.
     Shutdown,
-    /// Session mode: the tenant is pausing for a live move and the session was between
-    /// transactions; its server session cannot follow the tenant.
+    /// Session mode: the tenant is pausing (a live move, an operator) and the session was
+    /// between transactions; it gives up its server session and carries over to a new one.
     Pausing,
 }
 
@@ -299,19 +299,10 @@ impl<'a> Session<'a> {
                     self.release(co);
                 }
                 Attached::ClientGone => return self.finish_server(co).await,
-                Attached::Pausing => {
-                    self.finish_server(co).await;
-                    self.pass = None;
-                    let e = RouterError::fatal(
-                        sqlstate::ADMIN_SHUTDOWN,
-                        format!(
-                            "podrouter: tenant \"{}\" is moving to another pod; this session-mode connection ends between transactions",
-                            self.route.name
-                        ),
-                    )
-                    .with_hint("Reconnect: the new connection reaches the tenant wherever it is.");
-                    return self.fail(e).await;
-                }
+                Attached::Pausing => match self.carry_over(co).await {
+                    Ok(next) => server = Some(next),
+                    Err(e) => return self.fail(e).await,
+                },
                 Attached::Shutdown => {
                     self.finish_server(co).await;
                     return self.fail(shutting_down()).await;
@@ -336,6 +327,53 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// Session mode, at a transaction boundary while the tenant pauses: reads what the
+    /// server session holds, gives it up (so the pause can drain), waits at the gate, and
+    /// continues on a new server session wherever the tenant is once the pause ends, with
+    /// the session's `SET` parameters and prepared statements (SQL and protocol level)
+    /// replayed there. A session holding state that cannot follow (temporary tables,
+    /// advisory locks, LISTEN, open cursors) is ended with 57P01 instead.
+    async fn carry_over(&mut self, mut co: Checkout) -> Result<Checkout, RouterError> {
+        let timeout = self.proxy.settings().limits.connect_timeout;
+        let reason = self.gate.reason();
+        let state = match co.conn.query_values(CARRY_STATE, timeout).await {
+            Ok(v) => v.into_iter().next().flatten().unwrap_or_default(),
+            Err(e) => {
+                self.slot.detach();
+                drop(co); // the connection is unusable after a failed query of the router's own
+                return Err(cannot_follow(
+                    &self.route.name,
+                    reason,
+                    &format!("its server session could not be read ({e})"),
+                ));
+            }
+        };
+        let carried = Carried::parse(&state);
+        self.finish_server(co).await;
+        self.pass = None;
+        let carried = carried.map_err(|what| cannot_follow(&self.route.name, reason, &what))?;
+        let mut next = self.attach().await?;
+        let sql = carried.replay();
+        if !sql.is_empty() {
+            if let Err(e) = next.conn.simple_query(&sql, timeout).await {
+                self.slot.detach();
+                drop(next); // half restored: never pooled
+                return Err(cannot_follow(
+                    &self.route.name,
+                    reason,
+                    &format!("its settings or prepared statements could not be restored ({e})"),
+                ));
+            }
+            tracing::debug!(
+                client = self.client_id,
+                settings = carried.settings.len(),
+                prepared = carried.prepared.len(),
+                "session carried over"
+            );
+        }
+        Ok(next)
     }
 
     /// The server is clean when no request is outstanding and no transaction is open.
@@ -742,6 +780,110 @@ fn session_only_error(feature: &str, tenant: &str) -> RouterError {
     ))
 }
 
+/// One query, one text value: what of a server session a session-mode client depends on.
+const CARRY_STATE: &str = "SELECT json_build_object(\
+ 'pinned', array_remove(ARRAY[\
+   CASE WHEN EXISTS (SELECT 1 FROM pg_class WHERE relnamespace = pg_my_temp_schema()) THEN 'temporary tables' END,\
+   CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory') THEN 'advisory locks' END,\
+   CASE WHEN EXISTS (SELECT 1 FROM pg_listening_channels()) THEN 'LISTEN registrations' END,\
+   CASE WHEN EXISTS (SELECT 1 FROM pg_cursors) THEN 'open cursors' END], NULL),\
+ 'settings', (SELECT coalesce(json_agg(json_build_array(name, setting)), '[]') FROM pg_settings WHERE source = 'session'),\
+ 'prepared', (SELECT coalesce(json_agg(json_build_array(name, statement, parameter_types::text[], from_sql)), '[]') FROM pg_prepared_statements)\
+)::text";
+
+/// A session-mode client's server-side session state that can be given to a new server
+/// session.
+#[derive(Debug, Default, PartialEq)]
+struct Carried {
+    /// Parameters set in the session (`SET`), as `pg_settings` shows them (base units).
+    settings: Vec<(String, String)>,
+    /// `PREPARE` commands recreating the named prepared statements.
+    prepared: Vec<String>,
+}
+
+impl Carried {
+    /// From [`CARRY_STATE`]'s value; Err names what cannot follow the client.
+    fn parse(state: &str) -> Result<Carried, String> {
+        #[derive(serde::Deserialize)]
+        struct State {
+            pinned: Vec<String>,
+            settings: Vec<(String, String)>,
+            prepared: Vec<(String, String, Vec<String>, bool)>,
+        }
+        let st: State = serde_json::from_str(state)
+            .map_err(|e| format!("a session state the router could not read ({e})"))?;
+        if !st.pinned.is_empty() {
+            return Err(st.pinned.join(", "));
+        }
+        let mut prepared = Vec::with_capacity(st.prepared.len());
+        for (name, statement, types, from_sql) in st.prepared {
+            let body = statement.trim().trim_end_matches(';').trim_end();
+            if from_sql {
+                // The client's own PREPARE command; replayed as written when it is just that.
+                let starts = body
+                    .get(..8)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("prepare "));
+                if !starts || body.contains(';') {
+                    return Err(format!(
+                        "prepared statement \"{name}\" (its PREPARE text is not a single command)"
+                    ));
+                }
+                prepared.push(body.to_owned());
+            } else if types.is_empty() {
+                prepared.push(format!(
+                    "PREPARE {} AS {body}",
+                    super::server::quote_ident(&name)
+                ));
+            } else {
+                prepared.push(format!(
+                    "PREPARE {} ({}) AS {body}",
+                    super::server::quote_ident(&name),
+                    types.join(", ")
+                ));
+            }
+        }
+        Ok(Carried {
+            settings: st.settings,
+            prepared,
+        })
+    }
+
+    /// One simple-query string restoring the state on a fresh server session.
+    fn replay(&self) -> String {
+        let mut sql = String::new();
+        if !self.settings.is_empty() {
+            // set_config parses values as the configuration file does (lists, units).
+            let calls: Vec<String> = self
+                .settings
+                .iter()
+                .map(|(n, v)| {
+                    format!(
+                        "set_config({}, {}, false)",
+                        super::server::quote_literal(n),
+                        super::server::quote_literal(v)
+                    )
+                })
+                .collect();
+            sql.push_str(&format!("SELECT {};", calls.join(", ")));
+        }
+        for p in &self.prepared {
+            sql.push_str(p);
+            sql.push(';');
+        }
+        sql
+    }
+}
+
+fn cannot_follow(tenant: &str, reason: &str, what: &str) -> RouterError {
+    RouterError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        format!(
+            "podrouter: tenant \"{tenant}\" is paused by {reason} (moving to another pod or held) and this session-mode connection holds {what}, which cannot follow it; the session ends between transactions"
+        ),
+    )
+    .with_hint("Reconnect: the new connection reaches the tenant wherever it is. Sessions without temporary tables, advisory locks, LISTEN or open cursors are carried over by themselves.")
+}
+
 fn paused_error(tenant: &str, held: Held) -> RouterError {
     let (message, hint) = match held {
         Held::QueueFull { limit, reason } => (
@@ -813,7 +955,36 @@ pub fn pool_key_at(
 
 #[cfg(test)]
 mod tests {
-    use super::session_only;
+    use super::{session_only, Carried};
+
+    #[test]
+    fn carried_session_state() {
+        let st = r#"{"pinned": [], "settings": [["search_path", "app, public"], ["work_mem", "8192"]],
+            "prepared": [["q1", "select * from t where id = $1 and name = $2", ["integer", "character varying"], false],
+                         ["Q2", "select 1", [], false],
+                         ["q3", "PREPARE q3 (int) AS select $1 + 1;", ["integer"], true]]}"#;
+        let c = Carried::parse(st).unwrap();
+        assert_eq!(
+            c.replay(),
+            "SELECT set_config('search_path', 'app, public', false), set_config('work_mem', '8192', false);\
+             PREPARE \"q1\" (integer, character varying) AS select * from t where id = $1 and name = $2;\
+             PREPARE \"Q2\" AS select 1;\
+             PREPARE q3 (int) AS select $1 + 1;"
+        );
+        let pinned = r#"{"pinned": ["temporary tables", "LISTEN registrations"], "settings": [], "prepared": []}"#;
+        assert_eq!(
+            Carried::parse(pinned).unwrap_err(),
+            "temporary tables, LISTEN registrations"
+        );
+        let multi = r#"{"pinned": [], "settings": [], "prepared": [["a", "PREPARE a AS select 1; select 2", [], true]]}"#;
+        assert!(Carried::parse(multi).unwrap_err().contains("\"a\""));
+        assert_eq!(
+            Carried::parse(r#"{"pinned": [], "settings": [], "prepared": []}"#)
+                .unwrap()
+                .replay(),
+            ""
+        );
+    }
 
     #[test]
     fn session_only_statements() {

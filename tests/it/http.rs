@@ -3,14 +3,12 @@
 //! limits on both listeners, with clients bound to many loopback source addresses so one
 //! abusive address can be told apart from everyone else.
 
-mod support;
-
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;

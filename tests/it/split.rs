@@ -2,11 +2,9 @@
 //! registered, about half the load moves there as one `split` job of move jobs, and every
 //! tenant still answers with its data; a dry run changes nothing.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
-use support::*;
 
 async fn job(f: &TestFleet, id: i64) -> Value {
     let (status, j) = f.admin("GET", &format!("/v1/jobs/{id}"), None).await;
@@ -133,5 +131,117 @@ async fn split_moves_half_the_load_to_a_new_local_pod() {
         .filter_map(|e| e["action"].as_str())
         .collect();
     assert!(actions.contains(&"pod.add"), "{actions:?}");
+    f.stop().await;
+}
+
+/// `[autopilot] mode = "apply"`: real load pushes a pod over its busy threshold; the
+/// autopilot splits it once, audited with the figures, and then — though both halves are
+/// still over the (deliberately tiny) threshold — starts nothing more within `cooldown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autopilot_in_apply_mode_splits_a_hot_pod_once() {
+    let mut f = TestFleet::start(Options {
+        config_extra: "\n[metrics]\nsample_every = \"250ms\"\nload_window = \"2s\"\n\n[provider]\nkind = \"local\"\n\n[autopilot]\nmode = \"apply\"\nsplit_when = { busy_ratio = 0.05, for = \"1s\" }\ncooldown = \"10m\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let names = ["h1", "h2", "h3", "h4"];
+    for t in names {
+        f.tenant(t, 1).await;
+        let c = f.connect(t).await;
+        c.batch_execute(&format!(
+            "CREATE TABLE items (id serial PRIMARY KEY, v text);
+             INSERT INTO items (v) SELECT '{t}-' || g FROM generate_series(1, 100) g"
+        ))
+        .await
+        .unwrap();
+    }
+    // Each tenant about one busy second per second against pod1's default capacity of 4.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut load = Vec::new();
+    for t in names {
+        let (url, stop) = (f.app_url(t), stop.clone());
+        load.push(tokio::spawn(async move {
+            let c = connect(&url).await.unwrap();
+            let mut n = 0u64;
+            while !stop.is_cancelled() {
+                // Through the split's moves: held at the pause, never failed.
+                c.batch_execute("SELECT pg_sleep(0.02)")
+                    .await
+                    .unwrap_or_else(|e| panic!("tenant {url}: {e}"));
+                n += 1;
+            }
+            n
+        }));
+    }
+    let applied = wait_for(
+        "the autopilot to start a split",
+        Duration::from_secs(30),
+        || async {
+            let (_, audit) = f.admin("GET", "/v1/audit?limit=200", None).await;
+            audit["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["action"] == "autopilot.apply")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(applied["target"], "pod1", "{applied}");
+    assert!(
+        applied["detail"]["decision"]["figures"]["busy_ratio"]
+            .as_f64()
+            .unwrap()
+            >= 0.05,
+        "{applied}"
+    );
+    let id = applied["detail"]["job"]["id"].as_i64().unwrap();
+    let done = wait_for("the split job to end", Duration::from_secs(180), || async {
+        let j = job(&f, id).await;
+        matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+        .then_some(j)
+    })
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["kind"], "split");
+    assert_eq!(tenants_on(&f, "pod2").await.len(), 2);
+    // Both halves stay over the threshold: recommendations stand again, but the cooldown
+    // holds the autopilot back.
+    let fleet = f.fleet();
+    wait_for(
+        "a standing recommendation after the split",
+        Duration::from_secs(20),
+        || {
+            let r = fleet.planner.autopilot.recommendations();
+            async move { r.recommendations.iter().any(|r| r.ready).then_some(()) }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, audit) = f.admin("GET", "/v1/audit?limit=500", None).await;
+    let applies = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "autopilot.apply")
+        .count();
+    assert_eq!(applies, 1, "one split, no flapping: {audit}");
+    assert_eq!(pods(&f).await.len(), 3);
+    stop.cancel();
+    for l in load {
+        assert!(l.await.unwrap() > 10);
+    }
+    for t in names {
+        let c = f.connect(t).await;
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 100, "{t}");
+    }
     f.stop().await;
 }

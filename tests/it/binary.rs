@@ -1,12 +1,10 @@
 //! The `podrouter` binary as users run it: `serve` with a config (memory while streaming a
 //! large result, pgbench through it), `config check`, and `demo`.
 
-mod support;
-
+use crate::support::*;
 use futures_util::TryStreamExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podrouter");
 

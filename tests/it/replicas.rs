@@ -2,13 +2,11 @@
 //! (pg_basebackup clones of the pods, started as local clusters). pod0 holds the catalog, so
 //! the tenant under test always lives on pod1, which has the replicas.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::*;
 use tokio_postgres::NoTls;
 
 /// A client of `db` through the router with `-c podrouter.target=TARGET`.

@@ -1,13 +1,11 @@
 //! The admin API through `admin::app(fleet)` with `tower::ServiceExt::oneshot`, over a real
 //! catalog and real pods.
 
-mod support;
-
+use crate::support::*;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::*;
 use tower::ServiceExt;
 
 async fn call(

@@ -2,12 +2,10 @@
 //! pods (real Postgres with ssl = on), and the refusals. Certificates are made here with
 //! rcgen: a CA, and a server certificate for localhost / 127.0.0.1 signed by it.
 
-mod support;
-
+use crate::support::*;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use support::*;
 use tokio_rustls::rustls;
 
 /// A CA and a server certificate it signed, as PEM files in `dir`.

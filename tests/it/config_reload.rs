@@ -2,14 +2,12 @@
 //! (`POST /v1/config/reload`, `GET /v1/config/history`), through `Fleet::reload_config` (what
 //! SIGHUP calls), and through the real binary receiving SIGHUP.
 
-mod support;
-
+use crate::support::*;
 use axum::http::StatusCode;
 use podrouter::fleet::ReloadError;
 use serde_json::{json, Value};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podrouter");
 

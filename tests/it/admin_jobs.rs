@@ -3,12 +3,10 @@
 //! `tenants pause|resume`) run as the real binary against a running router. Real pods and
 //! real moves throughout.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podrouter");
 

@@ -1,11 +1,9 @@
 //! The PostgreSQL wire side end to end: real pods, the real router, real clients.
 
-mod support;
-
+use crate::support::*;
 use futures_util::{SinkExt, TryStreamExt};
 use podrouter::config::PoolMode;
 use std::time::{Duration, Instant};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::NoTls;
 

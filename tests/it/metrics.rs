@@ -3,11 +3,9 @@
 //! replication), node_exporter figures come through, and the planner's dry runs and the
 //! autopilot's recommendations work on the live load.
 
-mod support;
-
+use crate::support::{Options, TestFleet};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use support::{Options, TestFleet};
 
 /// The value of the series `name` whose labels include all of `labels` (None if absent).
 fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -68,7 +66,7 @@ async fn metrics_count_what_clients_did() {
         .batch_execute("SELECT * FROM no_such_table")
         .await
         .unwrap_err();
-    assert_eq!(support::code(&e), "42P01");
+    assert_eq!(crate::support::code(&e), "42P01");
     // 1 MB back to the client.
     a.simple_query("SELECT repeat('x', 1048576)").await.unwrap();
     let b = f.connect("beta").await;
@@ -154,18 +152,18 @@ async fn reqwest_get(f: &TestFleet, path: &str, token: Option<&str>) -> u16 {
 /// pgbench through the router on `tenant` for `secs`; returns the transactions processed.
 fn pgbench(f: &TestFleet, tenant: &str, args: &[&str]) -> String {
     let addr = f.running().pg_addr;
-    let out = std::process::Command::new(support::tool("pgbench"))
+    let out = std::process::Command::new(crate::support::tool("pgbench"))
         .args([
             "-h",
             &addr.ip().to_string(),
             "-p",
             &addr.port().to_string(),
             "-U",
-            support::ROLE,
+            crate::support::ROLE,
         ])
         .args(args)
         .arg(tenant)
-        .env("PGPASSWORD", support::PASSWORD)
+        .env("PGPASSWORD", crate::support::PASSWORD)
         .output()
         .expect("pgbench runs");
     let text =
@@ -217,7 +215,7 @@ async fn sampler_follows_a_pod_under_pgbench() {
     f.tenant("bench", 1).await;
     pgbench(&f, "bench", &["-i", "-s", "2", "-q"]);
     let fleet = f.fleet();
-    let before = support::wait_for("a sample of bench", Duration::from_secs(10), || {
+    let before = crate::support::wait_for("a sample of bench", Duration::from_secs(10), || {
         let s = fleet.metrics.samples.load_full();
         async move {
             s.pods
@@ -254,7 +252,7 @@ async fn sampler_follows_a_pod_under_pgbench() {
     assert!(n > 50, "pgbench did too little to judge: {out}");
     // Every pgbench transaction commits once in the tenant's database: the sampler's
     // counter grows by that (plus the odd pool check), once the backends flushed stats.
-    let total = support::wait_for(
+    let total = crate::support::wait_for(
         "pg_stat_database to count pgbench",
         Duration::from_secs(15),
         || {
@@ -288,13 +286,13 @@ async fn sampler_follows_a_pod_under_pgbench() {
     let hit = p.cache_hit_ratio.expect("cache hit ratio");
     assert!(hit > 0.0 && hit <= 1.0, "{hit}");
     // Sizes as the pod itself reports them.
-    let direct = support::pod_admin(&f.pods[1], "postgres").await;
+    let direct = crate::support::pod_admin(&f.pods[1], "postgres").await;
     let size: i64 = direct
         .query_one("SELECT pg_database_size('bench')", &[])
         .await
         .unwrap()
         .get(0);
-    let sampled = support::wait_for("a fresh size", Duration::from_secs(10), || {
+    let sampled = crate::support::wait_for("a fresh size", Duration::from_secs(10), || {
         let s = fleet.metrics.samples.load_full();
         async move {
             let b = s.pods.get("pod1")?.databases.get("bench")?.size_bytes? as f64;
@@ -318,7 +316,7 @@ async fn sampler_follows_a_pod_under_pgbench() {
     assert_eq!(host.error, None);
     assert!(host.memory_total_bytes.unwrap() > host.memory_available_bytes.unwrap());
     assert!(!host.filesystems.is_empty());
-    let cpu = support::wait_for("a CPU interval", Duration::from_secs(5), || {
+    let cpu = crate::support::wait_for("a CPU interval", Duration::from_secs(5), || {
         let s = fleet.metrics.samples.load_full();
         async move { s.pods.get("pod1")?.host.as_ref()?.cpu_utilisation }
     })
@@ -414,14 +412,14 @@ async fn autopilot_recommends_a_split_under_load_and_audits_it() {
     for _ in 0..4 {
         let (url, stop) = (url.clone(), stop.clone());
         load.push(tokio::spawn(async move {
-            let c = support::connect(&url).await.unwrap();
+            let c = crate::support::connect(&url).await.unwrap();
             while !stop.is_cancelled() {
                 c.batch_execute("SELECT pg_sleep(0.02)").await.unwrap();
             }
         }));
     }
     let fleet = f.fleet();
-    let rec = support::wait_for(
+    let rec = crate::support::wait_for(
         "a split recommendation for pod1",
         Duration::from_secs(20),
         || {
@@ -473,7 +471,7 @@ async fn autopilot_recommends_a_split_under_load_and_audits_it() {
     for l in load {
         l.await.unwrap();
     }
-    support::wait_for(
+    crate::support::wait_for(
         "the recommendation to clear",
         Duration::from_secs(20),
         || {

@@ -2,11 +2,9 @@
 //! primary key, sequences, cancellation in each phase, a target that dies, a router killed
 //! mid-move, and two moves at once. DESIGN.md "Live move" has the four invariants.
 
-mod support;
-
+use crate::support::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::*;
 
 /// Starts a move through the admin API; returns the job id.
 async fn start_move(f: &TestFleet, tenant: &str, to: &str) -> i64 {
@@ -482,7 +480,7 @@ async fn two_moves_at_once_and_a_second_move_of_the_same_tenant_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn session_mode_clients_end_cleanly_and_the_move_goes_through() {
+async fn session_mode_clients_follow_the_move_with_their_settings_and_statements() {
     let f = TestFleet::start(Options {
         pods: 2,
         mode: podrouter::config::PoolMode::Session,
@@ -491,21 +489,93 @@ async fn session_mode_clients_end_cleanly_and_the_move_goes_through() {
     .await;
     f.tenant("acme", 0).await;
     fill(&f, "acme", 1_000).await;
+    let port = "select current_setting('port')::int";
+    // An idle session with settings and prepared statements of both kinds.
     let idle = f.connect("acme").await;
-    idle.batch_execute("set application_name = 'idle-session'")
+    idle.batch_execute(
+        "set application_name = 'idle-session';
+         set work_mem = '12MB';
+         set search_path = 'public, pg_catalog';
+         prepare byid (bigint) as select body from items where id = $1",
+    )
+    .await
+    .unwrap();
+    let counted = idle
+        .prepare("select count(*) from items where id <= $1")
         .await
         .unwrap();
+    let before: i32 = idle.query_one(port, &[]).await.unwrap().get(0);
+    assert_eq!(before as u16, f.pods[0].port());
+    // A session with a temporary table: its state cannot follow.
+    let pinned = f.connect("acme").await;
+    pinned
+        .batch_execute("create temp table scratch (x int); insert into scratch values (1)")
+        .await
+        .unwrap();
+    // A busy session: one statement after another through the move, none may fail.
+    let busy = f.connect("acme").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looping = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut ports) = (0u64, std::collections::BTreeSet::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = busy
+                    .query_one(
+                        "select count(*), current_setting('port')::int from items",
+                        &[],
+                    )
+                    .await
+                    .expect("a busy session-mode client must not see an error");
+                assert_eq!(r.get::<_, i64>(0), 1_000);
+                ports.insert(r.get::<_, i32>(1));
+                ok += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, ports)
+        })
+    };
     let id = start_move(&f, "acme", "pod1").await;
     let j = wait_job(&f, id, Duration::from_secs(120)).await;
     assert_eq!(j["state"], "succeeded", "{j}");
-    // The idle session-mode connection was ended between transactions with a clear 57P01.
-    let e = idle.simple_query("select 1").await.unwrap_err();
-    let db = e.as_db_error();
-    if let Some(db) = db {
-        assert_eq!(db.code().code(), "57P01", "{e}");
-        assert!(db.message().contains("moving"), "{e}");
-    } else {
-        assert!(idle.is_closed(), "{e}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, ports) = looping.await.unwrap();
+    assert!(ok > 10, "only {ok} statements ran");
+    assert!(
+        ports.contains(&(f.pods[1].port() as i32)),
+        "the busy session never reached the target: {ports:?}"
+    );
+    // The idle session continues on the target, its state intact.
+    let after: i32 = idle.query_one(port, &[]).await.unwrap().get(0);
+    assert_eq!(after as u16, f.pods[1].port());
+    let show = |name: &'static str| {
+        let idle = &idle;
+        async move {
+            idle.query_one(&format!("show {name}"), &[])
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+        }
+    };
+    assert_eq!(show("work_mem").await, "12MB");
+    assert_eq!(show("search_path").await, "public, pg_catalog");
+    assert_eq!(show("application_name").await, "idle-session");
+    let n: i64 = idle.query_one(&counted, &[&500i64]).await.unwrap().get(0);
+    assert_eq!(n, 500);
+    let rows = idle.simple_query("execute byid(7)").await.unwrap();
+    assert!(
+        rows.iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))),
+        "EXECUTE of the SQL-level statement returned no row"
+    );
+    // The session with a temporary table was ended between transactions with a clear 57P01.
+    let e = pinned.simple_query("select 1").await.unwrap_err();
+    match e.as_db_error() {
+        Some(db) => {
+            assert_eq!(db.code().code(), "57P01", "{e}");
+            assert!(db.message().contains("temporary tables"), "{e}");
+        }
+        None => assert!(pinned.is_closed(), "{e}"),
     }
     let c = f.connect("acme").await;
     let n: i64 = c

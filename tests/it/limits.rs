@@ -2,11 +2,9 @@
 //! clients, pool mode per tenant, session-only features in transaction mode, and idle server
 //! connections that died in the pool.
 
-mod support;
-
+use crate::support::*;
 use podrouter::config::PoolMode;
 use std::time::{Duration, Instant};
-use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_never_gets_more_than_its_connection_cap() {
@@ -163,7 +161,16 @@ async fn dead_idle_server_connections_are_replaced_transparently() {
         .execute("select pg_terminate_backend($1)", &[&first])
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Gone for sure (pg_terminate_backend only signals): its socket is closed by now.
+    wait_for("the backend to exit", Duration::from_secs(10), || async {
+        admin
+            .query_opt("select 1 from pg_stat_activity where pid = $1", &[&first])
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
     let second: i32 = c
         .query_one("select pg_backend_pid()", &[])
         .await
