@@ -447,6 +447,7 @@ impl<'a> Session<'a> {
     }
 
     async fn fail(mut self, e: RouterError) {
+        tracing::debug!(client = self.client_id, tenant = %self.route.name, code = %e.code, "session ends: {}", e.message);
         self.pool.stats.error(e.code.as_bytes());
         let mut out = BytesMut::new();
         e.encode(&mut out);
@@ -819,16 +820,14 @@ impl Carried {
         for (name, statement, types, from_sql) in st.prepared {
             let body = statement.trim().trim_end_matches(';').trim_end();
             if from_sql {
-                // The client's own PREPARE command; replayed as written when it is just that.
-                let starts = body
-                    .get(..8)
-                    .is_some_and(|p| p.eq_ignore_ascii_case("prepare "));
-                if !starts || body.contains(';') {
+                // The client's own PREPARE command, replayed as written. Postgres keeps the
+                // whole query string it came in, which may hold other statements too.
+                let Some(cmd) = prepare_command(body, &name) else {
                     return Err(format!(
-                        "prepared statement \"{name}\" (its PREPARE text is not a single command)"
+                        "prepared statement \"{name}\" (its PREPARE command could not be found in its text)"
                     ));
-                }
-                prepared.push(body.to_owned());
+                };
+                prepared.push(cmd.to_owned());
             } else if types.is_empty() {
                 prepared.push(format!(
                     "PREPARE {} AS {body}",
@@ -872,6 +871,119 @@ impl Carried {
         }
         sql
     }
+}
+
+/// The statements of a simple-query string, split at the semicolons outside string
+/// literals, quoted identifiers, dollar quotes and comments; trimmed, empty ones dropped.
+fn split_statements(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let (mut out, mut start, mut i) = (Vec::new(), 0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'\'' => {
+                // E'...' strings take backslash escapes.
+                let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E');
+                i += 1;
+                while i < b.len() {
+                    if escapes && b[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if b[i] == b'\'' {
+                        if b.get(i + 1) == Some(&b'\'') {
+                            i += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0;
+                while i < b.len() {
+                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'$' => {
+                // $tag$ ... $tag$ (the tag empty or an identifier); $1 is a parameter.
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
+                    .map(|p| i + 1 + p);
+                match tag_end {
+                    Some(e) if b[e] == b'$' && !b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
+                        let tag = &sql[i..=e];
+                        i = match sql[e + 1..].find(tag) {
+                            Some(p) => e + 1 + p + tag.len(),
+                            None => b.len(),
+                        };
+                    }
+                    _ => i += 1,
+                }
+            }
+            b';' => {
+                out.push(&sql[start..i]);
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push(&sql[start.min(sql.len())..]);
+    out.into_iter()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The `PREPARE name ...` command among the statements of `text`, for the prepared
+/// statement `name` (as Postgres stores it: folded to lower case unless quoted).
+fn prepare_command<'t>(text: &'t str, name: &str) -> Option<&'t str> {
+    let mut found = split_statements(text).into_iter().filter(|stmt| {
+        let Some(rest) = stmt
+            .get(..8)
+            .filter(|p| p.eq_ignore_ascii_case("prepare "))
+            .map(|_| stmt[8..].trim_start())
+        else {
+            return false;
+        };
+        let written = if let Some(q) = rest.strip_prefix('"') {
+            q.split('"').next().map(str::to_owned)
+        } else {
+            rest.split(|c: char| c.is_whitespace() || c == '(')
+                .next()
+                .map(str::to_lowercase)
+        };
+        written.as_deref() == Some(name)
+    });
+    let first = found.next()?;
+    // Prepared twice in one string (a DEALLOCATE between): which one stands is unclear.
+    found.next().is_none().then_some(first)
 }
 
 fn cannot_follow(tenant: &str, reason: &str, what: &str) -> RouterError {
@@ -955,7 +1067,22 @@ pub fn pool_key_at(
 
 #[cfg(test)]
 mod tests {
-    use super::{session_only, Carried};
+    use super::{session_only, split_statements, Carried};
+
+    #[test]
+    fn statements_split_outside_quotes_and_comments() {
+        assert_eq!(
+            split_statements(
+                "select ';'; select \"a;b\" from t /* ; /* ; */ ; */ ; select $$;$$, $f$ ; $f$, $1 ;select E'\\';' -- ;\n; ;"
+            ),
+            [
+                "select ';'",
+                "select \"a;b\" from t /* ; /* ; */ ; */",
+                "select $$;$$, $f$ ; $f$, $1",
+                "select E'\\';' -- ;",
+            ]
+        );
+    }
 
     #[test]
     fn carried_session_state() {
@@ -976,8 +1103,15 @@ mod tests {
             Carried::parse(pinned).unwrap_err(),
             "temporary tables, LISTEN registrations"
         );
-        let multi = r#"{"pinned": [], "settings": [], "prepared": [["a", "PREPARE a AS select 1; select 2", [], true]]}"#;
-        assert!(Carried::parse(multi).unwrap_err().contains("\"a\""));
+        // A PREPARE sent with other statements in one query string.
+        let multi = r#"{"pinned": [], "settings": [], "prepared": [["byid", "set x.y = 'a;b'; PREPARE ByID (int) AS select $1 -- ;\n + 1; select 2", ["integer"], true]]}"#;
+        assert_eq!(
+            Carried::parse(multi).unwrap().prepared,
+            ["PREPARE ByID (int) AS select $1 -- ;\n + 1"]
+        );
+        let lost = r#"{"pinned": [], "settings": [], "prepared": [["a", "select 1; select 2", [], true]]}"#;
+        assert!(Carried::parse(lost).unwrap_err().contains("\"a\""));
+
         assert_eq!(
             Carried::parse(r#"{"pinned": [], "settings": [], "prepared": []}"#)
                 .unwrap()

@@ -495,7 +495,7 @@ async fn session_mode_clients_follow_the_move_with_their_settings_and_statements
     idle.batch_execute(
         "set application_name = 'idle-session';
          set work_mem = '12MB';
-         set search_path = 'public, pg_catalog';
+         set search_path = public, pg_catalog;
          prepare byid (bigint) as select body from items where id = $1",
     )
     .await
