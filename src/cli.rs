@@ -252,8 +252,9 @@ impl Display {
         }
     }
 
-    /// Shows the job's progress; `changed` when its phase or state is new.
-    fn update(&self, job: &Value, changed: bool, started: std::time::Instant) {
+    /// Shows the job's progress; `changed` when its phase or state is new; `detail` (the
+    /// running moves of a plan job) goes after the phase on the bar.
+    fn update(&self, job: &Value, changed: bool, started: std::time::Instant, detail: &str) {
         let phase = job["phase"].as_str().unwrap_or("?");
         let progress = progress_text(&job["progress"]);
         match self {
@@ -279,9 +280,14 @@ impl Display {
                 b.set_prefix(format!("job {} {}", job["id"], job_title(job)));
                 b.set_length(total);
                 b.set_position(done.min(total));
-                b.set_message(match (counted, progress.is_empty()) {
+                let message = match (counted, progress.is_empty()) {
                     (false, false) => format!("{phase}: {progress}"),
                     _ => phase.to_owned(),
+                };
+                b.set_message(if detail.is_empty() {
+                    message
+                } else {
+                    format!("{message} ({detail})")
                 });
                 if changed {
                     b.println(format!(
@@ -312,6 +318,68 @@ impl Display {
     }
 }
 
+/// The moves of a plan job (`split`, `drain`, `rebalance`: `progress.moves`, each with its
+/// child move job) as last shown, so each tenant's changes are shown once.
+#[derive(Default)]
+struct PlanMoves {
+    shown: std::collections::HashMap<String, String>,
+}
+
+impl PlanMoves {
+    /// Reads the phase of each running child move (one small GET each; a plan runs a few at
+    /// a time). Returns a line per tenant whose status changed, and the running ones in
+    /// short (`tenant1 copy, tenant2 catch_up`) for the bar.
+    async fn update(&mut self, client: &AdminClient, job: &Value) -> (Vec<String>, String) {
+        let Some(steps) = job["progress"]["moves"].as_array() else {
+            return (Vec::new(), String::new());
+        };
+        let (mut lines, mut running) = (Vec::new(), Vec::new());
+        for step in steps {
+            let tenant = step["tenant"].as_str().unwrap_or("?");
+            let state = step["state"].as_str().unwrap_or("?");
+            let child = step["job"].as_i64();
+            let status = match (state, child) {
+                ("waiting", _) => continue,
+                ("pending" | "running", Some(id)) => {
+                    let phase = client
+                        .call(reqwest::Method::GET, &format!("/v1/jobs/{id}"), None)
+                        .await
+                        .ok()
+                        .and_then(|c| c["phase"].as_str().map(str::to_owned))
+                        .unwrap_or_else(|| state.to_owned());
+                    running.push(format!("{tenant} {phase}"));
+                    phase
+                }
+                (_, _) => match step["error"].as_str() {
+                    Some(e) => format!("{state}: {e}"),
+                    None => state.to_owned(),
+                },
+            };
+            if self.shown.get(tenant) == Some(&status) {
+                continue;
+            }
+            self.shown.insert(tenant.to_owned(), status.clone());
+            // A move that just succeeded: how long its clients were held (read once).
+            let status = match (state, child) {
+                ("succeeded", Some(id)) => client
+                    .call(reqwest::Method::GET, &format!("/v1/jobs/{id}"), None)
+                    .await
+                    .ok()
+                    .and_then(|c| c["result"]["pause_ms"].as_u64())
+                    .map(|ms| format!("{status} (clients paused {ms} ms)"))
+                    .unwrap_or(status),
+                _ => status,
+            };
+            let job = child.map(|id| format!(" (job {id})")).unwrap_or_default();
+            lines.push(format!(
+                "  {tenant} → {}{job}: {status}",
+                step["to"].as_str().unwrap_or("?")
+            ));
+        }
+        (lines, running.join(", "))
+    }
+}
+
 /// Follows job `id` until it ends, showing its phase and progress. Ctrl-C cancels the job
 /// (`DELETE /v1/jobs/{id}`) and goes on waiting for it to end (it rolls back); a second
 /// Ctrl-C stops waiting. Returns how it ended and the job as last read.
@@ -325,6 +393,7 @@ pub async fn follow_job(
     let mut last_seen: Option<(String, String)> = None;
     let mut last_ok = std::time::Instant::now();
     let mut cancel_sent = false;
+    let mut plan_moves = PlanMoves::default();
     // From here on Ctrl-C (SIGINT) cancels the job instead of killing the CLI.
     let mut interrupts = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| CliError::Usage(format!("cannot handle Ctrl-C: {e}")))?;
@@ -353,7 +422,11 @@ pub async fn follow_job(
             job["phase"].as_str().unwrap_or("?").to_owned(),
         );
         let changed = last_seen.as_ref() != Some(&now);
-        display.update(&job, changed, started);
+        let (moves, detail) = plan_moves.update(client, &job).await;
+        display.update(&job, changed, started, &detail);
+        for m in moves {
+            display.line(&format!("[{:6.1}s] {m}", started.elapsed().as_secs_f64()));
+        }
         last_seen = Some(now);
         let end = match state.as_str() {
             "succeeded" => Some(JobEnd::Succeeded),
@@ -406,10 +479,147 @@ pub fn job_summary(job: &Value) -> String {
     }
     if let Some(moves) = r["moves"].as_array() {
         let ok = moves.iter().filter(|m| m["state"] == "succeeded").count();
-        s.push_str(&format!(" ({ok} of {} tenant(s) moved)", moves.len()));
+        let to = r["target"]
+            .as_str()
+            .map(|t| format!(" to {t}"))
+            .unwrap_or_default();
+        s.push_str(&format!(" ({ok} of {} tenant(s) moved{to})", moves.len()));
     }
     if let Some(e) = job["error"].as_str() {
         s.push_str(&format!(": {e}"));
     }
     s
+}
+
+// === plans and recommendations ===
+
+/// `a → b` of a figure before and after a plan.
+fn before_after(before: &Value, after: &Value, show: impl Fn(&Value) -> String) -> String {
+    let (b, a) = (show(before), show(after));
+    if b == a {
+        b
+    } else {
+        format!("{b} → {a}")
+    }
+}
+
+/// A figure of the API as a float; `+ 0.0` turns a -0.0 (a sum of nothing) into 0.
+fn float(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0) + 0.0
+}
+
+fn percent(v: &Value) -> String {
+    format!("{:.0}%", 100.0 * float(v))
+}
+
+fn busy(v: &Value) -> String {
+    format!("{:.2}", float(v))
+}
+
+/// An RFC 3339 time of the API to the second.
+fn seconds(v: &Value) -> Value {
+    v.as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
+        .unwrap_or_else(|| v.clone())
+}
+
+fn bytes(v: &Value) -> String {
+    indicatif::HumanBytes(v.as_u64().unwrap_or(0)).to_string()
+}
+
+/// Prints a plan (a split's or a rebalance's, as the API answers it): the moves with each
+/// tenant's load and size, each pod's figures before → after, and the planner's note.
+pub fn print_plan(plan: &Value) {
+    let moves: Vec<Value> = plan["moves"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "tenant": m["tenant"], "from": m["from"], "to": m["to"],
+                "busy s/s": busy(&m["busy"]), "size": bytes(&m["bytes"]),
+            })
+        })
+        .collect();
+    if moves.is_empty() {
+        println!("no moves");
+    } else {
+        print_table(&moves, &["tenant", "from", "to", "busy s/s", "size"]);
+    }
+    let empty = serde_json::Map::new();
+    let before = plan["before"].as_object().unwrap_or(&empty);
+    let after = plan["after"].as_object().unwrap_or(&empty);
+    let mut names: Vec<&String> = before.keys().chain(after.keys()).collect();
+    names.sort();
+    names.dedup();
+    let pods: Vec<Value> = names
+        .iter()
+        .map(|p| {
+            let (b, a) = (&plan["before"][p.as_str()], &plan["after"][p.as_str()]);
+            let figure =
+                |key: &str, show: fn(&Value) -> String| before_after(&b[key], &a[key], show);
+            serde_json::json!({
+                "pod": p,
+                "tenants": figure("tenants", |v| v.as_u64().unwrap_or(0).to_string()),
+                "busy s/s": figure("busy", busy),
+                "size": figure("bytes", bytes),
+                "utilisation": figure("utilisation", percent),
+            })
+        })
+        .collect();
+    println!();
+    print_table(
+        &pods,
+        &["pod", "tenants", "busy s/s", "size", "utilisation"],
+    );
+    if let Some(note) = plan["note"].as_str().filter(|n| !n.is_empty()) {
+        println!("\n{note}");
+    }
+}
+
+/// Prints `GET /v1/recommendations`: the autopilot's mode, then each recommendation with
+/// why, since when, whether it stands, and what its split would move.
+pub fn print_recommendations(v: &Value) {
+    let recs = v["recommendations"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    println!(
+        "autopilot mode {}, judged at {}: {} recommendation(s)",
+        v["mode"].as_str().unwrap_or("?"),
+        seconds(&v["updated_at"])
+            .as_str()
+            .unwrap_or("(not yet: no sample so far)"),
+        recs.len()
+    );
+    if recs.is_empty() {
+        return;
+    }
+    let rows: Vec<Value> = recs
+        .iter()
+        .map(|r| {
+            let plan = &r["plan"];
+            let moves: Vec<&str> = plan["moves"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+                .iter()
+                .filter_map(|m| m["tenant"].as_str())
+                .collect();
+            serde_json::json!({
+                "pod": r["pod"], "kind": r["kind"],
+                "ready": if r["ready"] == true { "yes" } else { "not yet" },
+                "since": seconds(&r["since"]), "reason": r["reason"],
+                "plan": format!("{} → {}", moves.join(","), plan["target"].as_str().unwrap_or("?")),
+            })
+        })
+        .collect();
+    println!();
+    print_table(&rows, &["pod", "kind", "ready", "since", "reason", "plan"]);
+    for r in recs.iter().filter(|r| r["ready"] == true) {
+        let pod = r["pod"].as_str().unwrap_or("?");
+        println!("\nto carry it out: `podrouter split {pod}` (`--dry-run` shows the plan again)");
+    }
 }

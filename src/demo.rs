@@ -4,7 +4,11 @@
 //! runs with, starts the router in this process, creates the `demo` role and sample tenants,
 //! and writes
 //! `DIR/ready.json` once clients can connect. SIGINT/SIGTERM stop everything it started;
-//! SIGHUP re-reads `DIR/pods.toml` like `podrouter serve` does.
+//! SIGHUP re-reads `DIR/pods.toml` like `podrouter serve` does. With `--load` it also runs
+//! a skewed synthetic load ([`load`]) and shortens the sampler's and the autopilot's
+//! windows, so a split recommendation shows within a minute.
+
+pub mod load;
 
 use crate::config::{ConfigSource, PoolMode};
 use crate::fleet::NewTenant;
@@ -29,6 +33,8 @@ pub struct DemoOptions {
     pub pool_mode: PoolMode,
     pub pool_size: u32,
     pub replicas: usize,
+    /// Run a skewed synthetic load until stopped (`--load`).
+    pub load: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -312,6 +318,14 @@ async fn serve_demo(
         opts.pool_mode,
         opts.pool_size,
     );
+    if opts.load {
+        toml.push_str(
+            "\n# `--load`: a short load window and `for`, so the autopilot's split recommendation\n\
+             # stands within a minute of the load starting (defaults: 5s, 60s, 5m, 5m).\n\
+             [metrics]\nsample_every = \"2s\"\nsize_every = \"10s\"\nload_window = \"20s\"\n\n\
+             [autopilot]\nmode = \"recommend\"\nsplit_when = { busy_ratio = 0.75, for = \"30s\" }\n",
+        );
+    }
     for (name, c) in &pods {
         toml.push_str(&format!(
             "\n[[pod]]\nname = \"{name}\"\nprimary = \"{}\"\nweight = 1.0\n",
@@ -398,7 +412,21 @@ async fn serve_demo(
         dir.display()
     );
 
+    let load = opts.load.then(|| {
+        let cli = format!("podrouter --demo-dir {}", dir.display());
+        let router_url = ready["router_url"].as_str().unwrap_or_default();
+        let (load, hot) = load::start(&fleet, router_url, &cli);
+        println!(
+            "podrouter demo --load: a skewed load runs at {hot}'s tenants; within about a minute \
+             the autopilot recommends a split: `{cli} recommendations`, then `{cli} split {hot}`"
+        );
+        load
+    });
+
     wait_for_signal().await;
+    if let Some(load) = load {
+        load.stop().await;
+    }
     let _ = std::fs::remove_file(&ready_path);
     running.shutdown().await;
     Ok(())

@@ -3,7 +3,8 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use podrouter::cli::{
-    follow_job, job_rows, job_summary, print_table, AdminClient, CliError, JOB_COLUMNS,
+    follow_job, job_rows, job_summary, print_plan, print_recommendations, print_table, AdminClient,
+    CliError, JOB_COLUMNS,
 };
 use podrouter::config::{Config, ConfigSource, PoolMode};
 use reqwest::Method;
@@ -87,7 +88,26 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
-    /// List jobs (moves, drains), show or follow one, or cancel one.
+    /// Split a pod: move the subset of its tenants closest to half its load to a new pod
+    /// from the `[provider]` (or to --to), as a `split` job of moves, and follow it. Exit
+    /// status as for `move`; Ctrl-C cancels the moves not yet done.
+    Split {
+        pod: String,
+        /// An existing pod that accepts tenants, instead of a new one from the provider.
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the plan (tenants to move, each pod's load before and after) and change
+        /// nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the job and return instead of following it.
+        #[arg(long, conflicts_with = "dry_run")]
+        detach: bool,
+    },
+    /// The autopilot's split recommendations (`[autopilot]`: pods over a threshold, and
+    /// since when).
+    Recommendations,
+    /// List jobs (moves, drains, splits), show or follow one, or cancel one.
     #[command(args_conflicts_with_subcommands = true)]
     Jobs {
         #[command(subcommand)]
@@ -136,6 +156,10 @@ struct DemoCli {
     /// Streaming replicas per pod.
     #[arg(long, default_value_t = 0)]
     replicas: usize,
+    /// Run a skewed synthetic load (pg_sleep, mostly at one pod's tenants) until Ctrl-C,
+    /// with short sampler and autopilot windows, so a split is recommended within a minute.
+    #[arg(long)]
+    load: bool,
 }
 
 #[derive(Subcommand)]
@@ -304,6 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pool_mode: d.pool_mode,
                 pool_size: d.pool_size,
                 replicas: d.replicas,
+                load: d.load,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -544,6 +569,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await;
             run_job(&admin, started, detach).await
         }
+        Command::Split {
+            pod,
+            to,
+            dry_run,
+            detach,
+        } => split(&admin, &pod, to, dry_run, detach).await,
+        Command::Recommendations => {
+            let v = client(&admin)?
+                .call(Method::GET, "/v1/recommendations", None)
+                .await?;
+            if admin.json {
+                output(&admin, &v, None, &[]);
+            } else {
+                print_recommendations(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Jobs { command, id, limit } => jobs(&admin, command, id, limit).await,
         Command::Roles {
             command: RolesCommand::Create { name, password },
@@ -648,7 +690,72 @@ async fn pods(admin: &AdminArgs, command: PodsCommand) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
-/// A job just started (`move`, `pods drain`): refused → exit 2; detached → print it;
+/// `split POD`: the plan (`--dry-run`), or the split job followed to its end.
+async fn split(
+    admin: &AdminArgs,
+    pod: &str,
+    to: Option<String>,
+    dry_run: bool,
+    detach: bool,
+) -> anyhow::Result<ExitCode> {
+    let client = client(admin)?;
+    let path = format!("/v1/pods/{pod}/split");
+    if dry_run {
+        let v = match client
+            .call(
+                Method::POST,
+                &path,
+                Some(json!({"to": to, "dry_run": true})),
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return refused(e),
+        };
+        if admin.json {
+            output(admin, &v, None, &[]);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let plan = &v["plan"];
+        let target = plan["target"].as_str().unwrap_or("?");
+        println!(
+            "split {pod} onto {target}{}: {} of {} tenant(s), {} to copy (dry run: nothing changed)\n",
+            if to.is_none() {
+                " (a new pod from the provider)"
+            } else {
+                ""
+            },
+            plan["moves"].as_array().map_or(0, Vec::len),
+            plan["before"][pod]["tenants"],
+            indicatif::HumanBytes(plan["bytes_to_move"].as_u64().unwrap_or(0)),
+        );
+        print_plan(plan);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if to.is_none() && !admin.json {
+        println!("splitting {pod}: the provider makes the new pod first (initdb and start take a few seconds)");
+    }
+    let started = client
+        .call(Method::POST, &path, Some(json!({ "to": to })))
+        .await;
+    run_job(admin, started, detach).await
+}
+
+/// A refused request (4xx): the API's error on stderr, exit status 2; anything else is an
+/// error (exit 1).
+fn refused(e: CliError) -> anyhow::Result<ExitCode> {
+    match e {
+        CliError::Api {
+            status: 400..=499, ..
+        } => {
+            eprintln!("podrouter: {e}");
+            Ok(ExitCode::from(2))
+        }
+        e => Err(e.into()),
+    }
+}
+
+/// A job just started (`move`, `pods drain`, `split`): refused → exit 2; detached → print it;
 /// otherwise follow it to its end.
 async fn run_job(
     admin: &AdminArgs,
@@ -657,15 +764,7 @@ async fn run_job(
 ) -> anyhow::Result<ExitCode> {
     let job = match started {
         Ok(job) => job,
-        Err(
-            e @ CliError::Api {
-                status: 400..=499, ..
-            },
-        ) => {
-            eprintln!("podrouter: {e}");
-            return Ok(ExitCode::from(2));
-        }
-        Err(e) => return Err(e.into()),
+        Err(e) => return refused(e),
     };
     if detach {
         output(admin, &job, None, JOB_COLUMNS);

@@ -577,7 +577,7 @@ async fn a_tokenless_admin_api_is_loopback_only() {
 }
 
 /// The CLI against the fleet's router, with its admin URL and token.
-fn cli(f: &TestFleet, args: &[&str]) -> tokio::process::Command {
+pub(crate) fn cli(f: &TestFleet, args: &[&str]) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(BIN);
     c.arg("--admin-url")
         .arg(format!("http://{}", f.running().admin_addr))
@@ -591,7 +591,7 @@ fn cli(f: &TestFleet, args: &[&str]) -> tokio::process::Command {
 }
 
 /// Runs the CLI to its end (bounded); returns exit code, stdout, stderr.
-async fn run_cli(f: &TestFleet, args: &[&str]) -> (i32, String, String) {
+pub(crate) async fn run_cli(f: &TestFleet, args: &[&str]) -> (i32, String, String) {
     let out = tokio::time::timeout(Duration::from_secs(180), cli(f, args).output())
         .await
         .unwrap_or_else(|_| panic!("podrouter {args:?} did not end"))
