@@ -6,6 +6,7 @@
 #
 #   cargo build --release && bench/move.sh            # prints a markdown report
 #   MOVES=5 MOVE_COPY_MB=200 bench/move.sh            # quicker
+#   MOVE_CUTOVER_LAG=65536 bench/move.sh               # [moves] cutover_lag_bytes for the run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
@@ -19,6 +20,11 @@ READY=$DEMO_DIR/ready.json
 ADMIN=$(json_get "$READY" 'd["admin_url"]')
 TOKEN=$(json_get "$READY" 'd["admin_token"]')
 ROUTER=$(json_get "$READY" 'd["router_url"]')
+if [ -n "${MOVE_CUTOVER_LAG:-}" ]; then
+    printf '\n[moves]\ncutover_lag_bytes = %s\n' "$MOVE_CUTOVER_LAG" >>"$DEMO_DIR/pods.toml"
+    "$PODROUTER_BIN" --demo-dir "$DEMO_DIR" config reload >/dev/null
+    log "moves.cutover_lag_bytes = $MOVE_CUTOVER_LAG"
+fi
 api() { curl -sS -X "$1" -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' "$ADMIN$2" ${3:+-d "$3"}; }
 pod_of() { api GET "/v1/tenants/$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["pod"])'; }
 other_pod() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print([p["name"] for p in d["pods"] if p["name"] != sys.argv[2]][0])' "$READY" "$1"; }
@@ -38,8 +44,11 @@ move() {
 
 log "pgbench -i -s 2 on tenant1 through the router"
 pgbench -i -s 2 -q "$ROUTER/tenant1" >"$BENCH_WORK/init.log" 2>&1
-log "load: pgbench tpcb-like, 8 clients, while $MOVES moves run"
-pgbench -n -c 8 -j 2 -T 36000 "$ROUTER/tenant1" >"$BENCH_WORK/load.log" 2>&1 &
+# A bounded load that ends by itself, so pgbench prints its report (a signal would lose it;
+# and a background job of a script ignores SIGINT anyway). Moves take ~10 s each here.
+LOAD_SECS=${LOAD_SECS:-$((MOVES * 15 + 20))}
+log "load: pgbench tpcb-like, 8 clients, ${LOAD_SECS}s, while $MOVES moves run"
+pgbench -n -c 8 -j 2 -T "$LOAD_SECS" "$ROUTER/tenant1" >"$BENCH_WORK/load.log" 2>&1 &
 LOAD=$!
 sleep 3
 : >"$BENCH_WORK/moves.jsonl"
@@ -49,7 +58,7 @@ for ((m = 1; m <= MOVES; m++)); do
     log "move $m: $(echo "$j" | python3 -c 'import json,sys; d=json.load(sys.stdin); r=d.get("result") or {}; print(d["state"], r.get("from"), "->", r.get("to"), "pause", r.get("pause_ms"), "ms", (r.get("timings") or {}))')"
     sleep 1
 done
-kill -INT "$LOAD" 2>/dev/null || true
+log "waiting for the load to end (its report counts failed transactions)"
 wait "$LOAD" || true
 failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$BENCH_WORK/load.log")
 processed=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$BENCH_WORK/load.log")
