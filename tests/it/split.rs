@@ -28,6 +28,34 @@ async fn tenants_on(f: &TestFleet, pod: &str) -> Vec<String> {
         .collect()
 }
 
+/// Creates each tenant on pod1 with an `items` table of `rows(tenant)` rows.
+async fn seed(f: &TestFleet, names: &[&str], rows: impl Fn(&str) -> i64) {
+    for t in names {
+        f.tenant(t, 1).await;
+        let c = f.connect(t).await;
+        c.batch_execute(&format!(
+            "CREATE TABLE items (id serial PRIMARY KEY, v text);
+             INSERT INTO items (v) SELECT '{t}-' || g FROM generate_series(1, {}) g",
+            rows(t)
+        ))
+        .await
+        .unwrap();
+    }
+}
+
+/// Every tenant answers through the router with all of its `items`.
+async fn assert_items(f: &TestFleet, names: &[&str], rows: impl Fn(&str) -> i64) {
+    for t in names {
+        let c = f.connect(t).await;
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM items", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, rows(t), "{t}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_moves_half_the_load_to_a_new_local_pod() {
     let mut f = TestFleet::start(Options {
@@ -36,16 +64,7 @@ async fn split_moves_half_the_load_to_a_new_local_pod() {
     })
     .await;
     let names = ["t1", "t2", "t3", "t4"];
-    for t in names {
-        f.tenant(t, 1).await;
-        let c = f.connect(t).await;
-        c.batch_execute(&format!(
-            "CREATE TABLE items (id serial PRIMARY KEY, v text);
-             INSERT INTO items (v) SELECT '{t}-' || g FROM generate_series(1, 100) g"
-        ))
-        .await
-        .unwrap();
-    }
+    seed(&f, &names, |_| 100).await;
     // t1 and t2 twice as busy as t3 and t4 (each sleep holds a server connection).
     for (t, n) in [("t1", 8), ("t2", 8), ("t3", 4), ("t4", 4)] {
         let c = f.connect(t).await;
@@ -113,15 +132,7 @@ async fn split_moves_half_the_load_to_a_new_local_pod() {
         "pod1 {on1:?}, pod2 {on2:?}"
     );
     // Every tenant answers through the router with its data.
-    for t in names {
-        let c = f.connect(t).await;
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM items", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 100, "{t}");
-    }
+    assert_items(&f, &names, |_| 100).await;
     // Audited: the new pod and the split.
     let (_, audit) = f.admin("GET", "/v1/audit?limit=200", None).await;
     let actions: Vec<&str> = audit["entries"]
@@ -145,16 +156,7 @@ async fn autopilot_in_apply_mode_splits_a_hot_pod_once() {
     })
     .await;
     let names = ["h1", "h2", "h3", "h4"];
-    for t in names {
-        f.tenant(t, 1).await;
-        let c = f.connect(t).await;
-        c.batch_execute(&format!(
-            "CREATE TABLE items (id serial PRIMARY KEY, v text);
-             INSERT INTO items (v) SELECT '{t}-' || g FROM generate_series(1, 100) g"
-        ))
-        .await
-        .unwrap();
-    }
+    seed(&f, &names, |_| 100).await;
     // Each tenant about one busy second per second against pod1's default capacity of 4.
     let stop = tokio_util::sync::CancellationToken::new();
     let mut load = Vec::new();
@@ -234,15 +236,7 @@ async fn autopilot_in_apply_mode_splits_a_hot_pod_once() {
     for l in load {
         assert!(l.await.unwrap() > 10);
     }
-    for t in names {
-        let c = f.connect(t).await;
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM items", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 100, "{t}");
-    }
+    assert_items(&f, &names, |_| 100).await;
     f.stop().await;
 }
 
@@ -259,18 +253,9 @@ async fn cli_split_plans_then_moves_the_planned_tenants_to_a_new_pod() {
     })
     .await;
     let names = ["c1", "c2", "c3", "c4"];
-    for t in names {
-        f.tenant(t, 1).await;
-        // c3 holds more data than the others.
-        let rows = if t == "c3" { 20_000 } else { 100 };
-        let c = f.connect(t).await;
-        c.batch_execute(&format!(
-            "CREATE TABLE items (id serial PRIMARY KEY, v text);
-             INSERT INTO items (v) SELECT '{t}-' || g FROM generate_series(1, {rows}) g"
-        ))
-        .await
-        .unwrap();
-    }
+    // c3 holds more data than the others.
+    let rows = |t: &str| if t == "c3" { 20_000 } else { 100 };
+    seed(&f, &names, rows).await;
     // Busy time 3 : 2 : 2 : 1. Half of it is {c1, c4} or {c2, c3} (16 queries each, so the
     // per-query overhead is the same on both sides); the tie goes to fewer bytes to copy,
     // and c3 is the big one: the plan is {c1, c4}, whatever the timing noise.
@@ -377,15 +362,7 @@ async fn cli_split_plans_then_moves_the_planned_tenants_to_a_new_pod() {
     on2.sort();
     assert_eq!(on2, planned, "the planned tenants are on the new pod");
     assert_eq!(tenants_on(&f, "pod1").await.len(), 2);
-    for t in names {
-        let c = f.connect(t).await;
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM items", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, if t == "c3" { 20_000 } else { 100 }, "{t}");
-    }
+    assert_items(&f, &names, rows).await;
     // The new pod is a server of its own, and the moved tenants' data is there.
     let (_, all) = f.admin("GET", "/v1/pods", None).await;
     let new_primary = all["pods"]
