@@ -10,24 +10,6 @@ use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_podrouter");
 
-async fn job(f: &TestFleet, id: i64) -> Value {
-    let (status, j) = f.admin("GET", &format!("/v1/jobs/{id}"), None).await;
-    assert_eq!(status.as_u16(), 200, "{j}");
-    j
-}
-
-async fn wait_job(f: &TestFleet, id: i64, within: Duration) -> Value {
-    wait_for(&format!("job {id} to end"), within, || async {
-        let j = job(f, id).await;
-        matches!(
-            j["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        )
-        .then_some(j)
-    })
-    .await
-}
-
 /// Asserts an error answer: status, `{"error": {"code", "message"}}` with a message.
 fn assert_error(status: axum::http::StatusCode, body: &Value, want: u16, code: &str) {
     assert_eq!(status.as_u16(), want, "{body}");

@@ -19,24 +19,6 @@ async fn start_move(f: &TestFleet, tenant: &str, to: &str) -> i64 {
     job["id"].as_i64().expect("job id")
 }
 
-async fn job(f: &TestFleet, id: i64) -> Value {
-    let (status, j) = f.admin("GET", &format!("/v1/jobs/{id}"), None).await;
-    assert_eq!(status.as_u16(), 200, "{j}");
-    j
-}
-
-async fn wait_job(f: &TestFleet, id: i64, within: Duration) -> Value {
-    wait_for(&format!("job {id} to end"), within, || async {
-        let j = job(f, id).await;
-        matches!(
-            j["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        )
-        .then_some(j)
-    })
-    .await
-}
-
 async fn wait_phase(f: &TestFleet, id: i64, phase: &str, within: Duration) {
     wait_for(&format!("job {id} to reach {phase}"), within, || async {
         let j = job(f, id).await;

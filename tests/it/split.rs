@@ -6,12 +6,6 @@ use crate::support::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-async fn job(f: &TestFleet, id: i64) -> Value {
-    let (status, j) = f.admin("GET", &format!("/v1/jobs/{id}"), None).await;
-    assert_eq!(status.as_u16(), 200, "{j}");
-    j
-}
-
 async fn pods(f: &TestFleet) -> Vec<Value> {
     let (_, p) = f.admin("GET", "/v1/pods", None).await;
     p["pods"].as_array().unwrap().clone()
@@ -102,15 +96,7 @@ async fn split_moves_half_the_load_to_a_new_local_pod() {
     assert_eq!(status.as_u16(), 202, "{started}");
     assert_eq!(started["kind"], "split");
     let id = started["id"].as_i64().unwrap();
-    let done = wait_for("the split job to end", Duration::from_secs(180), || async {
-        let j = job(&f, id).await;
-        matches!(
-            j["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        )
-        .then_some(j)
-    })
-    .await;
+    let done = wait_job(&f, id, Duration::from_secs(180)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["progress"]["done"], 2, "{done}");
     assert_eq!(done["progress"]["unit"], "tenants");
@@ -198,15 +184,7 @@ async fn autopilot_in_apply_mode_splits_a_hot_pod_once() {
         "{applied}"
     );
     let id = applied["detail"]["job"]["id"].as_i64().unwrap();
-    let done = wait_for("the split job to end", Duration::from_secs(180), || async {
-        let j = job(&f, id).await;
-        matches!(
-            j["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        )
-        .then_some(j)
-    })
-    .await;
+    let done = wait_job(&f, id, Duration::from_secs(180)).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["kind"], "split");
     assert_eq!(tenants_on(&f, "pod2").await.len(), 2);

@@ -363,3 +363,23 @@ pub fn tool(name: &str) -> PathBuf {
     );
     p
 }
+
+/// `GET /v1/jobs/{id}`, which must answer 200.
+pub async fn job(f: &TestFleet, id: i64) -> serde_json::Value {
+    let (status, j) = f.admin("GET", &format!("/v1/jobs/{id}"), None).await;
+    assert_eq!(status.as_u16(), 200, "{j}");
+    j
+}
+
+/// The job once it has ended (succeeded, failed or cancelled), within `within`.
+pub async fn wait_job(f: &TestFleet, id: i64, within: std::time::Duration) -> serde_json::Value {
+    wait_for(&format!("job {id} to end"), within, || async {
+        let j = job(f, id).await;
+        matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+        .then_some(j)
+    })
+    .await
+}
