@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod pods;
+pub mod routers;
 pub use pods::NewPod;
 
 /// What kind of failure, which decides the HTTP status in one place (admin::AppError).
@@ -194,6 +195,10 @@ pub struct Fleet {
     /// Autopilot recommendations and the pods the provider started.
     pub planner: crate::planner::PlannerState,
     routes_lock: tokio::sync::Mutex<()>,
+    /// This router's id among the routers sharing the catalog (`routers::register`).
+    pub router_id: Arc<routers::RouterId>,
+    /// Pauses of live moves run by other routers that this router holds.
+    pub remote_pauses: routers::RemotePauses,
 }
 
 impl Fleet {
@@ -203,11 +208,15 @@ impl Fleet {
         let table: SharedTable = Arc::new(ArcSwap::from_pointee(RoutingTable::default()));
         let base = config_path.as_deref().and_then(|p| p.parent());
         let proxy = Arc::new(Proxy::new(table.clone(), &config, base));
+        let router_id = Arc::new(routers::RouterId::default());
         Fleet {
             jobs: Arc::new(crate::jobs::Jobs::new(
                 catalog.clone(),
                 config.moves.max_concurrent as usize,
+                router_id.clone(),
             )),
+            router_id,
+            remote_pauses: Default::default(),
             routes_lock: tokio::sync::Mutex::new(()),
             metrics: Arc::new(crate::metrics::Metrics::new(proxy.clone())),
             planner: Default::default(),

@@ -85,11 +85,18 @@ pub struct Jobs {
     shutdown: CancellationToken,
     /// Moves running at once (`moves.max_concurrent`); queued moves wait in phase `queued`.
     pub move_slots: Arc<tokio::sync::Semaphore>,
+    /// This router's id: the owner of the jobs it creates.
+    router_id: Arc<crate::fleet::routers::RouterId>,
 }
 
 impl Jobs {
-    pub fn new(catalog: Catalog, max_concurrent_moves: usize) -> Jobs {
+    pub fn new(
+        catalog: Catalog,
+        max_concurrent_moves: usize,
+        router_id: Arc<crate::fleet::routers::RouterId>,
+    ) -> Jobs {
         Jobs {
+            router_id,
             move_slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent_moves)),
             catalog,
             running: Mutex::new(HashMap::new()),
@@ -99,7 +106,7 @@ impl Jobs {
     }
 
     pub async fn create(&self, job: &NewJob<'_>) -> Result<JobRow, CatalogError> {
-        q::insert(self.catalog.pool(), job).await
+        q::insert(self.catalog.pool(), job, self.router_id.get()).await
     }
 
     /// Runs `work` for the pending job `id` as a tracked task; its outcome is recorded when

@@ -96,6 +96,18 @@ pub async fn start_with_source(
     fleet.sync_pods_from_config().await?;
     fleet.reload_routes().await?;
     fleet.sweep_interrupted().await?;
+    let shutdown = CancellationToken::new();
+    let pg_addr = listeners.pg.local_addr().expect("bound");
+    let admin_addr = listeners.admin.local_addr().expect("bound");
+    // Membership first: recovery tells its own jobs (none yet) and other live routers' jobs
+    // (theirs) from those of routers that are gone.
+    crate::fleet::routers::register(
+        &fleet,
+        pg_addr.to_string(),
+        admin_addr.to_string(),
+        shutdown.clone(),
+    )
+    .await?;
     // Moves a previous process left running are finished or rolled back before any client
     // is served: a tenant fenced mid-move must be unfenced (or switched) first.
     crate::mover::recover(&fleet).await;
@@ -103,11 +115,8 @@ pub async fn start_with_source(
         tracing::info!(version, "recorded the config as a new version");
     }
 
-    let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let sessions = TaskTracker::new();
-    let pg_addr = listeners.pg.local_addr().expect("bound");
-    let admin_addr = listeners.admin.local_addr().expect("bound");
     let http_addr = listeners
         .http
         .as_ref()
@@ -226,6 +235,7 @@ async fn follow_catalog(fleet: Arc<Fleet>, shutdown: CancellationToken) {
                     listener = Some(l);
                     // Changes may have happened while we were not listening.
                     let _ = fleet.reload_routes().await;
+                    crate::fleet::routers::sync_pauses(&fleet).await;
                 }
                 Err(e) => tracing::warn!("cannot LISTEN on the catalog, retrying: {e}"),
             }
@@ -240,6 +250,9 @@ async fn follow_catalog(fleet: Arc<Fleet>, shutdown: CancellationToken) {
             _ = upkeep.tick() => fleet.proxy.maintain_pools(),
             n = async { listener.as_mut().expect("checked").recv().await }, if listener.is_some() => {
                 match n {
+                    Ok(n) if n.channel() == crate::fleet::routers::PAUSES_CHANNEL => {
+                        tokio::spawn(crate::fleet::routers::follow_pause(fleet.clone(), n.payload().to_owned()));
+                    }
                     Ok(_) => {
                         if let Err(e) = fleet.reload_routes().await {
                             tracing::warn!("route reload failed: {e}");

@@ -114,10 +114,11 @@ async fn cancel_job(
         ));
     }
     if !fleet.jobs.cancel(id) {
+        let owner = crate::fleet::routers::describe(&fleet, job.owner).await;
         return Err(AppError(
             StatusCode::CONFLICT,
             "job_elsewhere",
-            format!("job {id} is not running in this router (another router or a restart owns it); cancel it there"),
+            format!("job {id} is not running in this router but in {owner}; send the DELETE to that router's admin API"),
         ));
     }
     crate::catalog::audit_quietly(&fleet.catalog, "admin-api", "job.cancel", &id.to_string()).await;

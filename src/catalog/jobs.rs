@@ -23,6 +23,8 @@ pub struct JobRow {
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The router running it (`routers.id`).
+    pub owner: Option<i32>,
 }
 
 pub struct NewJob<'a> {
@@ -35,14 +37,18 @@ pub struct NewJob<'a> {
 }
 
 const COLUMNS: &str = "id, kind, tenant, pod, params, state, phase, progress, checkpoint, result, \
-                       error, parent, actor, created_at, started_at, finished_at";
+                       error, parent, actor, created_at, started_at, finished_at, owner";
 
 /// Inserts a pending job, audited as `job.<kind>`. A second unfinished move of the same
 /// tenant violates `jobs_one_move_per_tenant` and comes back as [`CatalogError::Conflict`].
-pub async fn insert(pool: &PgPool, job: &NewJob<'_>) -> Result<JobRow, CatalogError> {
+pub async fn insert(
+    pool: &PgPool,
+    job: &NewJob<'_>,
+    owner: Option<i32>,
+) -> Result<JobRow, CatalogError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO jobs (kind, tenant, pod, params, parent, actor) VALUES ($1, $2, $3, $4, $5, $6)
+        "INSERT INTO jobs (kind, tenant, pod, params, parent, actor, owner) VALUES ($1, $2, $3, $4, $5, $6, $7)
          RETURNING {COLUMNS}"
     )))
     .bind(job.kind)
@@ -51,6 +57,7 @@ pub async fn insert(pool: &PgPool, job: &NewJob<'_>) -> Result<JobRow, CatalogEr
     .bind(&job.params)
     .bind(job.parent)
     .bind(job.actor)
+    .bind(owner)
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| match &e {
@@ -105,6 +112,26 @@ pub async fn unfinished(pool: &PgPool) -> Result<Vec<JobRow>, CatalogError> {
     .fetch_all(pool)
     .await?;
     Ok(rows.iter().map(job_row).collect::<Result<_, _>>()?)
+}
+
+/// Takes over a job from `from` (its owner that is no longer live): compare-and-set, so of
+/// two routers recovering the same job only one gets it.
+pub async fn claim(
+    pool: &PgPool,
+    id: i64,
+    from: Option<i32>,
+    to: Option<i32>,
+) -> Result<bool, CatalogError> {
+    let done = sqlx::query(
+        "UPDATE jobs SET owner = $3, updated_at = now()
+          WHERE id = $1 AND owner IS NOT DISTINCT FROM $2 AND state IN ('pending', 'running')",
+    )
+    .bind(id)
+    .bind(from)
+    .bind(to)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 pub async fn set_running(pool: &PgPool, id: i64) -> Result<(), CatalogError> {
@@ -205,6 +232,7 @@ fn job_row(r: &sqlx::postgres::PgRow) -> Result<JobRow, sqlx::Error> {
         created_at: r.try_get("created_at")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
+        owner: r.try_get("owner")?,
     })
 }
 
@@ -216,6 +244,7 @@ pub async fn begin_move(
     pool: &PgPool,
     job: &NewJob<'_>,
     from: &str,
+    owner: Option<i32>,
 ) -> Result<JobRow, CatalogError> {
     let tenant = job.tenant.expect("a move names its tenant");
     let mut tx = pool.begin().await?;
@@ -234,7 +263,7 @@ pub async fn begin_move(
         )));
     }
     tx.commit().await?;
-    match insert(pool, job).await {
+    match insert(pool, job, owner).await {
         Ok(row) => Ok(row),
         Err(e) => {
             // Give the tenant back its state; the insert failed (e.g. a move already runs).

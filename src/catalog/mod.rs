@@ -131,7 +131,8 @@ impl Catalog {
 
     pub async fn listener(&self) -> Result<PgListener, CatalogError> {
         let mut l = PgListener::connect_with(&self.pool).await?;
-        l.listen(ROUTES_CHANNEL).await?;
+        l.listen_all([ROUTES_CHANNEL, crate::fleet::routers::PAUSES_CHANNEL])
+            .await?;
         Ok(l)
     }
 

@@ -127,6 +127,7 @@ pub async fn start_move(
             actor,
         },
         &from,
+        fleet.router_id.get(),
     )
     .await?;
     fleet.reload_routes().await?;
@@ -788,7 +789,17 @@ impl Move {
         let t0 = Instant::now();
         let deadline = t0 + budget;
         gate.pause("a live move");
-        let r = self.cutover_paused(&gate, deadline).await;
+        // Every other live router holds the tenant's clients too before the fence.
+        let everywhere = self
+            .fleet
+            .pause_everywhere(&self.cp.tenant, Some(self.ctx.id), budget)
+            .await;
+        let r = match &everywhere {
+            Ok(p) => self.cutover_paused(&gate, p, deadline).await,
+            Err(e) => Err(MoveError::Failed(format!(
+                "cannot pause the tenant on the other routers: {e}"
+            ))),
+        };
         match &r {
             Ok(_) => {}
             Err(_) => {
@@ -817,6 +828,16 @@ impl Move {
             }
         }
         gate.resume();
+        if let Ok(p) = &everywhere {
+            let version = r.as_ref().ok().copied();
+            if let Err(e) = self.fleet.resume_everywhere(p, version).await {
+                // They let go at the pause's expiry (after loading the route) instead.
+                tracing::warn!(
+                    job = self.ctx.id,
+                    "cannot end the pause on the other routers: {e}"
+                );
+            }
+        }
         self.pause_ms = t0.elapsed().as_millis() as u64;
         self.fleet
             .metrics
@@ -832,10 +853,12 @@ impl Move {
     async fn cutover_paused(
         &mut self,
         gate: &crate::routing::pause::PauseGate,
+        everywhere: &crate::fleet::routers::FleetPause,
         deadline: Instant,
     ) -> MoveResult<i64> {
         let past = |what: &str| MoveError::Failed(format!("{what} took past the pause deadline"));
-        // 1. running transactions finish (within half the budget, leaving time for the rest)
+        // 1. running transactions finish, here and on every other router (within half the
+        // budget, leaving time for the rest)
         let step = Instant::now();
         let half = Instant::now() + (deadline - Instant::now()) / 2;
         if !gate.drained(half).await {
@@ -843,6 +866,19 @@ impl Move {
                 "{} transactions of the tenant were still running at half the pause deadline",
                 gate.inside()
             )));
+        }
+        match self.fleet.others_drained(everywhere, half).await {
+            Ok(Ok(())) => {}
+            Ok(Err(busy)) => {
+                return Err(MoveError::Failed(format!(
+                    "routers {busy:?} still had transactions of the tenant running (or did not answer) at half the pause deadline"
+                )))
+            }
+            Err(e) => {
+                return Err(MoveError::Failed(format!(
+                    "cannot hear from the other routers: {e}"
+                )))
+            }
         }
         self.time("pause_drain", step);
         self.check_cancel()?;
@@ -864,8 +900,9 @@ impl Move {
         self.time("pause_fence", step);
         // 3. where the source's WAL ends now; wait until the target applied that far
         let step = Instant::now();
+        let job = self.ctx.id;
         let src = self.src().await?;
-        let lsn = tokio::time::timeout_at(deadline, pg::flushed_wal_position(src))
+        let lsn = tokio::time::timeout_at(deadline, pg::flushed_wal_position(src, job))
             .await
             .map_err(|_| past("reading the WAL position"))?
             .map_err(|e| MoveError::pod(&source, "reading the WAL position", e))?;
@@ -882,7 +919,7 @@ impl Move {
                 return Err(past("the target catching up"));
             }
             self.check_cancel()?;
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         self.time("pause_wal_wait", step);
         // 4. sequences
@@ -1102,8 +1139,9 @@ async fn roll_back_objects(
     }
 }
 
-/// At start: moves a previous process left pending or running are finished (switched) or
-/// rolled back, and their jobs closed.
+/// At start (and then now and again): jobs whose router is gone — killed, or this router's
+/// previous process — are taken over; moves among them are finished (switched) or rolled
+/// back, and the jobs closed. Jobs of other live routers are theirs and left alone.
 pub async fn recover(fleet: &Arc<Fleet>) {
     let jobs = match q::unfinished(fleet.catalog.pool()).await {
         Ok(j) => j,
@@ -1115,6 +1153,29 @@ pub async fn recover(fleet: &Arc<Fleet>) {
     for job in jobs {
         if fleet.jobs.is_running(job.id) {
             continue;
+        }
+        match crate::fleet::routers::is_live(fleet, job.owner).await {
+            Ok(false) => {}
+            Ok(true) => continue,
+            Err(e) => {
+                tracing::error!("cannot tell whether job {}'s router is live: {e}", job.id);
+                return;
+            }
+        }
+        match q::claim(
+            fleet.catalog.pool(),
+            job.id,
+            job.owner,
+            fleet.router_id.get(),
+        )
+        .await
+        {
+            Ok(true) => {}
+            Ok(false) => continue, // another router took it first
+            Err(e) => {
+                tracing::error!("cannot take over job {}: {e}", job.id);
+                return;
+            }
         }
         let (state, result, error) = match job.kind.as_str() {
             "move" => recover_move(fleet, &job).await,
@@ -1135,6 +1196,12 @@ pub async fn recover(fleet: &Arc<Fleet>) {
         .await
         {
             tracing::error!(job = job.id, "cannot close the recovered job: {e}");
+        }
+        if let Err(e) = crate::fleet::routers::end_pauses_of_job(fleet, job.id).await {
+            tracing::warn!(
+                job = job.id,
+                "cannot end the recovered job's pauses (they expire by themselves): {e}"
+            );
         }
     }
     let _ = fleet.reload_routes().await;
@@ -1253,6 +1320,8 @@ pub async fn janitor(fleet: Arc<Fleet>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Jobs of a router that died while this one runs.
+        recover(&fleet).await;
         if let Ok(jobs) =
             q::finished_with_flag(fleet.catalog.pool(), "move", "pending_cleanup").await
         {

@@ -310,19 +310,23 @@ pub async fn wal_insert_lsn(conn: &mut PgConnection) -> Result<i64> {
         .await
 }
 
-/// A WAL position at or past every commit made so far, flushed to disk: read inside a
-/// transaction that commits synchronously (a pod may run with `synchronous_commit = off`,
-/// and a walsender only sends what is flushed, so waiting on an unflushed position would
-/// wait for the WAL writer).
-pub async fn flushed_wal_position(conn: &mut PgConnection) -> Result<i64> {
+/// A WAL position at or past every commit made so far, flushed to disk. The position is a
+/// transactional logical message (`pg_logical_emit_message`, which pgoutput does not forward)
+/// committed with `synchronous_commit = on`: because the transaction writes WAL, its commit
+/// flushes at once, and a walsender only sends what is flushed. (A transaction that only takes
+/// an xid writes no WAL of its own, so PostgreSQL commits it asynchronously whatever
+/// `synchronous_commit` says, and its position reached the walsender only with the WAL
+/// writer, in two `wal_writer_delay` rounds: the ~400 ms cutover wait measured before.)
+pub async fn flushed_wal_position(conn: &mut PgConnection, job: i64) -> Result<i64> {
     use sqlx::Connection;
     let mut tx = conn.begin().await?;
     sqlx::query("SET LOCAL synchronous_commit = on")
         .execute(&mut *tx)
         .await?;
     let lsn: i64 = sqlx::query_scalar(
-        "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8 FROM (SELECT pg_current_xact_id()) x",
+        "SELECT (pg_logical_emit_message(true, 'podrouter', $1) - '0/0'::pg_lsn)::int8",
     )
+    .bind(format!("move {job}: cutover position"))
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -13,6 +13,7 @@ mod limits;
 mod metrics;
 mod moves;
 mod replicas;
+mod routers;
 mod split;
 mod tls;
 mod wire;
