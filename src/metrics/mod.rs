@@ -215,9 +215,14 @@ pub struct BusyTimer {
 
 impl BusyTimer {
     pub fn start(stats: &Arc<TenantStats>) -> BusyTimer {
+        Self::start_at(stats, Instant::now())
+    }
+
+    /// Started at `since` (a clock reading the caller already has).
+    pub fn start_at(stats: &Arc<TenantStats>, since: Instant) -> BusyTimer {
         BusyTimer {
             stats: stats.clone(),
-            since: Instant::now(),
+            since,
         }
     }
 }

@@ -177,7 +177,10 @@ pub struct Pool {
     pub key: PoolKey,
     capacity: Capacity,
     pod: Arc<PodSlots>,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed: a connection moves through checkout, the relay and release by pointer (moving
+    /// the ~500-byte struct was ~8% of the router's instructions per transaction).
+    #[allow(clippy::vec_box)] // measured: see above
+    idle: Mutex<Vec<Box<ServerConn>>>,
     auth: Mutex<PoolAuth>,
     /// Prepared statements known to parse on this pool's servers.
     pub known: super::prepared::KnownStatements,
@@ -194,7 +197,7 @@ struct PoolAuth {
 /// A checked-out server connection. Dropping it closes the connection (it may be mid-query);
 /// [`Pool::release`] returns a clean one.
 pub struct Checkout {
-    pub conn: ServerConn,
+    pub conn: Box<ServerConn>,
     _permit: OwnedSemaphorePermit,
     /// Adds the time it is checked out to the tenant's server busy time.
     _busy: BusyTimer,
@@ -238,13 +241,21 @@ impl Pool {
                     })?
             }
         };
+        // One clock read for the ages below and the busy timer (clock reads were ~6% of the
+        // router's instructions per transaction).
+        let now = started.into_std();
         loop {
             let conn = self.idle.lock().pop();
             match conn {
-                Some(c) if !c.looks_alive() || c.created.elapsed() >= limits.server_lifetime => {
+                Some(c)
+                    if !c.looks_alive()
+                        || now.saturating_duration_since(c.created) >= limits.server_lifetime =>
+                {
                     continue
                 }
-                Some(mut c) if c.last_used.elapsed() >= limits.server_check_after => {
+                Some(mut c)
+                    if now.saturating_duration_since(c.last_used) >= limits.server_check_after =>
+                {
                     // Long idle: a firewall or a pod restart may have cut it silently.
                     if c.simple_query("SELECT 1", limits.connect_timeout)
                         .await
@@ -261,7 +272,7 @@ impl Pool {
                     return Ok(Checkout {
                         conn: c,
                         _permit: permit,
-                        _busy: BusyTimer::start(&self.stats),
+                        _busy: BusyTimer::start_at(&self.stats, now),
                     })
                 }
                 None => break,
@@ -278,13 +289,15 @@ impl Pool {
                 verifier: a.verifier.clone(),
             }
         };
-        let mut conn = ServerConn::connect(
-            &self.key.endpoint,
-            &creds,
-            &self.pod_tls,
-            limits.connect_timeout,
-        )
-        .await?;
+        let mut conn = Box::new(
+            ServerConn::connect(
+                &self.key.endpoint,
+                &creds,
+                &self.pod_tls,
+                limits.connect_timeout,
+            )
+            .await?,
+        );
         conn.pod_slot = Some(pod_slot);
         Ok(Checkout {
             conn,

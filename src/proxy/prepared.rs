@@ -142,7 +142,8 @@ impl KnownStatements {
 }
 
 /// Between transactions (no server held, so the client is outside any transaction):
-/// answers Parse of statements the pool knows, Sync and Flush without a server. Stops at the
+/// answers Parse of statements the pool knows, Close of named statements, Sync and Flush
+/// without a server. Stops at the
 /// first message that needs one. Returns whether anything was answered.
 pub fn answer_without_server(
     input: &mut BytesMut,
@@ -171,6 +172,21 @@ pub fn answer_without_server(
             }
             b'S' => put_message(to_client, b'Z', &[b"I"]),
             b'H' => {}
+            // Closing a named statement is the client's business only (server statements
+            // are shared), as in `rewrite`: no server round trip for it and its Sync.
+            b'C' => {
+                let mut body = &input[5..h.wire_len];
+                if body.first() != Some(&b'S') {
+                    break;
+                }
+                body.advance(1);
+                let name = take_cstr(&mut body).map_err(|_| malformed("bad Close message"))?;
+                if name.is_empty() {
+                    break;
+                }
+                stmts.by_name.remove(name);
+                put_message(to_client, b'3', &[]);
+            }
             _ => break,
         }
         input.advance(h.wire_len);
@@ -563,25 +579,66 @@ pub fn track(h: Header, replies: &mut Replies) {
 
 /// DISCARD ALL / DEALLOCATE drop server statements behind the router's back.
 fn may_drop_statements(query: &[u8]) -> bool {
-    contains_ci(query, b"discard") || contains_ci(query, b"deallocate")
+    memchr::memchr2_iter(b'd', b'D', query).any(|i| {
+        starts_with_ci(&query[i..], b"discard") || starts_with_ci(&query[i..], b"deallocate")
+    })
 }
 
-/// Whether `hay` contains `needle` (lowercase ASCII), ignoring ASCII case. No allocation:
-/// this runs on query text in the hot path.
-pub(crate) fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
-    let Some(&first) = needle.first() else {
-        return true;
+/// Whether `hay` starts with `word` (lowercase ASCII), ignoring ASCII case.
+fn starts_with_ci(hay: &[u8], word: &[u8]) -> bool {
+    hay.len() >= word.len() && hay[..word.len()].eq_ignore_ascii_case(word)
+}
+
+/// Whether `hay` contains `needle` (lowercase ASCII), ignoring ASCII case. No allocation,
+/// and the candidates come from a SIMD search for the needle's byte at `anchor` (pick one
+/// that is rare in SQL): this runs on query text in the hot path.
+pub(crate) fn contains_ci(hay: &[u8], needle: &[u8], anchor: usize) -> bool {
+    let Some(&a) = needle.get(anchor) else {
+        return needle.is_empty();
     };
-    hay.len() >= needle.len()
-        && (0..=hay.len() - needle.len()).any(|i| {
-            hay[i].to_ascii_lowercase() == first
-                && hay[i..i + needle.len()].eq_ignore_ascii_case(needle)
-        })
+    if hay.len() < needle.len() {
+        return false;
+    }
+    let candidates = &hay[anchor..=hay.len() - needle.len() + anchor];
+    memchr::memchr2_iter(a, a.to_ascii_uppercase(), candidates)
+        .any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contains_ci_agrees_with_a_plain_search_for_every_anchor() {
+        let naive = |hay: &[u8], needle: &[u8]| {
+            hay.to_ascii_lowercase()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        };
+        let hays: [&[u8]; 7] = [
+            b"SELECT pg_advisory_lock(1)",
+            b"select PG_ADVISORY_LOCK(1)",
+            b"pg_advisory_lock(",
+            b"pg_advisory_lock",
+            b"x pg_advisory_lockpg_advisory_lock( y",
+            b"select abalance from pgbench_accounts where aid = 1",
+            b"",
+        ];
+        let needle = b"pg_advisory_lock(";
+        for hay in hays {
+            for anchor in 0..needle.len() {
+                assert_eq!(
+                    contains_ci(hay, needle, anchor),
+                    naive(hay, needle),
+                    "{:?} anchor {anchor}",
+                    String::from_utf8_lossy(hay)
+                );
+            }
+        }
+        assert!(may_drop_statements(b"select 1; DEALLOCATE ALL"));
+        assert!(may_drop_statements(b"Discard all"));
+        assert!(!may_drop_statements(b"select d, dd, disc from dealloc"));
+    }
     use crate::protocol::framing::peek_header;
 
     fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {
@@ -629,6 +686,24 @@ mod tests {
             !answer_without_server(&mut input, &mut other, &known, &mut BytesMut::new()).unwrap()
         );
         assert_eq!(input.len(), parse("y", "select 2").len());
+        // Closing a named statement and syncing (what tokio-postgres does when a statement
+        // is dropped) needs no server either; a portal or the unnamed statement does.
+        let mut input = BytesMut::new();
+        for m in [msg(b'C', &[b"S", b"x\0"]), msg(b'S', &[])] {
+            input.extend_from_slice(&m);
+        }
+        let mut to_client = BytesMut::new();
+        assert!(answer_without_server(&mut input, &mut other, &known, &mut to_client).unwrap());
+        assert_eq!(&to_client[..], b"3\0\0\0\x04Z\0\0\0\x05I");
+        assert_eq!(other.len(), 0, "x is forgotten");
+        for close in [msg(b'C', &[b"P", b"x\0"]), msg(b'C', &[b"S", b"\0"])] {
+            let mut input = close.clone();
+            assert!(
+                !answer_without_server(&mut input, &mut other, &known, &mut BytesMut::new())
+                    .unwrap()
+            );
+            assert_eq!(input.len(), close.len());
+        }
     }
 
     /// Runs client messages through `rewrite`; returns the tags the server would see.

@@ -758,13 +758,13 @@ fn session_only(query: &[u8]) -> Option<&'static str> {
     };
     if starts(b"listen") {
         Some("LISTEN")
-    } else if contains_ci(q, b"advisory_lock")
-        && (contains_ci(q, b"pg_advisory_lock(")
-            || contains_ci(q, b"pg_try_advisory_lock(")
-            || contains_ci(q, b"pg_advisory_lock_shared("))
+    } else if contains_ci(q, b"advisory_lock", 2)
+        && (contains_ci(q, b"pg_advisory_lock(", 5)
+            || contains_ci(q, b"pg_try_advisory_lock(", 9)
+            || contains_ci(q, b"pg_advisory_lock_shared(", 5))
     {
         Some("a session-level advisory lock")
-    } else if starts(b"declare") && contains_ci(q, b" with hold") {
+    } else if starts(b"declare") && contains_ci(q, b" with hold", 1) {
         Some("a WITH HOLD cursor")
     } else {
         None
