@@ -733,7 +733,7 @@ async fn split(
         return Ok(ExitCode::SUCCESS);
     }
     if to.is_none() && !admin.json {
-        println!("splitting {pod}: the provider makes the new pod first (initdb and start take a few seconds)");
+        println!("splitting {pod}: the pod provider makes the new pod first, then the planned tenants move");
     }
     let started = client
         .call(Method::POST, &path, Some(json!({ "to": to })))

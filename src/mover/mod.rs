@@ -1150,6 +1150,7 @@ pub async fn recover(fleet: &Arc<Fleet>) {
             return;
         }
     };
+    let mut recovered = 0;
     for job in jobs {
         if fleet.jobs.is_running(job.id) {
             continue;
@@ -1197,6 +1198,7 @@ pub async fn recover(fleet: &Arc<Fleet>) {
         {
             tracing::error!(job = job.id, "cannot close the recovered job: {e}");
         }
+        recovered += 1;
         if let Err(e) = crate::fleet::routers::end_pauses_of_job(fleet, job.id).await {
             tracing::warn!(
                 job = job.id,
@@ -1204,7 +1206,9 @@ pub async fn recover(fleet: &Arc<Fleet>) {
             );
         }
     }
-    let _ = fleet.reload_routes().await;
+    if recovered > 0 {
+        let _ = fleet.reload_routes().await;
+    }
 }
 
 async fn recover_move(
