@@ -43,10 +43,14 @@ const ACK_POLL: Duration = Duration::from_millis(2);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
 
 /// SQL: the routers whose membership lock is held (`r` is a `routers` row).
-const LIVE: &str = "EXISTS (SELECT 1 FROM pg_locks l
-                     WHERE l.locktype = 'advisory' AND l.granted
-                       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                       AND l.classid = 1886348402::oid AND l.objid = r.id::oid AND l.objsubid = 2)";
+static LIVE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "EXISTS (SELECT 1 FROM pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.granted
+                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND l.classid = {LOCK_SPACE}::oid AND l.objid = r.id::oid AND l.objsubid = 2)"
+    )
+});
 
 /// This router's id in `routers` (0 until [`register`]).
 #[derive(Debug, Default)]
@@ -91,7 +95,8 @@ pub async fn register(
     lock(&mut tx, id).await?;
     tx.commit().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DELETE FROM routers r WHERE r.id <> $1 AND NOT {LIVE}"
+        "DELETE FROM routers r WHERE r.id <> $1 AND NOT {}",
+        *LIVE
     )))
     .bind(id)
     .execute(&mut conn)
@@ -157,17 +162,6 @@ async fn keep_membership(url: String, id: i32, conn: PgConnection, shutdown: Can
     }
 }
 
-/// Live routers other than this one.
-pub async fn live_others(fleet: &Fleet) -> Result<Vec<i32>, CatalogError> {
-    let me = fleet.router_id.get().unwrap_or(0);
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT r.id FROM routers r WHERE r.id <> $1 AND {LIVE} ORDER BY r.id"
-    )))
-    .bind(me)
-    .fetch_all(fleet.catalog.pool())
-    .await?)
-}
-
 /// Whether router `id` is live (None: never registered).
 pub async fn is_live(fleet: &Fleet, id: Option<i32>) -> Result<bool, CatalogError> {
     let Some(id) = id else { return Ok(false) };
@@ -175,7 +169,8 @@ pub async fn is_live(fleet: &Fleet, id: Option<i32>) -> Result<bool, CatalogErro
         return Ok(true);
     }
     Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT EXISTS (SELECT 1 FROM routers r WHERE r.id = $1 AND {LIVE})"
+        "SELECT EXISTS (SELECT 1 FROM routers r WHERE r.id = $1 AND {})",
+        *LIVE
     )))
     .bind(id)
     .fetch_one(fleet.catalog.pool())
@@ -223,8 +218,9 @@ impl Fleet {
             "WITH p AS (
                INSERT INTO move_pauses (tenant, job, origin, expires_at)
                VALUES ($1, $2, $3, now() + $4::interval) RETURNING id)
-             SELECT p.id, array(SELECT r.id FROM routers r WHERE r.id <> $3 AND {LIVE} ORDER BY r.id) AS others
-               FROM p"
+             SELECT p.id, array(SELECT r.id FROM routers r WHERE r.id <> $3 AND {} ORDER BY r.id) AS others
+               FROM p",
+            *LIVE
         )))
         .bind(tenant)
         .bind(job)
@@ -256,17 +252,19 @@ impl Fleet {
         if pause.others.is_empty() {
             return Ok(Ok(()));
         }
+        let sql = format!(
+            "SELECT r.id FROM routers r
+              WHERE r.id = ANY($2) AND {}
+                AND NOT EXISTS (SELECT 1 FROM move_pause_acks a
+                                 WHERE a.pause = $1 AND a.router = r.id AND a.drained)",
+            *LIVE
+        );
         loop {
-            let waiting: Vec<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT r.id FROM routers r
-                  WHERE r.id = ANY($2) AND {LIVE}
-                    AND NOT EXISTS (SELECT 1 FROM move_pause_acks a
-                                     WHERE a.pause = $1 AND a.router = r.id AND a.drained)"
-            )))
-            .bind(pause.id)
-            .bind(&pause.others)
-            .fetch_all(self.catalog.pool())
-            .await?;
+            let waiting: Vec<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(pause.id)
+                .bind(&pause.others)
+                .fetch_all(self.catalog.pool())
+                .await?;
             if waiting.is_empty() {
                 return Ok(Ok(()));
             }
@@ -304,8 +302,8 @@ impl Fleet {
 
 /// Ends the pauses a recovered job left open (its router died mid-cutover), so the routers
 /// holding them let their clients go now, on the tenant's route as recovery left it.
-pub async fn end_pauses_of_job(fleet: &Fleet, job: i64) -> Result<u64, CatalogError> {
-    let ended = sqlx::query(
+pub async fn end_pauses_of_job(fleet: &Fleet, job: i64) -> Result<(), CatalogError> {
+    sqlx::query(
         "WITH e AS (
            UPDATE move_pauses p
               SET ended_at = now(),
@@ -318,7 +316,7 @@ pub async fn end_pauses_of_job(fleet: &Fleet, job: i64) -> Result<u64, CatalogEr
     .bind(PAUSES_CHANNEL)
     .fetch_all(fleet.catalog.pool())
     .await?;
-    Ok(ended.len() as u64)
+    Ok(())
 }
 
 /// Acts on a `podrouter_pauses` notification (`pause <id>` / `resume <id>`) from another
@@ -366,11 +364,13 @@ pub async fn sync_pauses(fleet: &Arc<Fleet>) {
 
 async fn hold(fleet: &Arc<Fleet>, id: i64) -> Result<(), CatalogError> {
     let me = fleet.router_id.get().unwrap_or(0);
-    let Some(row) = sqlx::query(
-        "SELECT tenant, origin, ended_at IS NOT NULL AS ended,
-                greatest(extract(epoch FROM expires_at - now()), 0)::float8 AS left_s
-           FROM move_pauses WHERE id = $1",
-    )
+    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT p.tenant, p.origin, p.ended_at IS NOT NULL AS ended,
+                greatest(extract(epoch FROM p.expires_at - now()), 0)::float8 AS left_s,
+                EXISTS (SELECT 1 FROM routers r WHERE r.id = p.origin AND {}) AS origin_live
+           FROM move_pauses p WHERE p.id = $1",
+        *LIVE
+    )))
     .bind(id)
     .fetch_optional(fleet.catalog.pool())
     .await?
@@ -380,11 +380,12 @@ async fn hold(fleet: &Arc<Fleet>, id: i64) -> Result<(), CatalogError> {
     let tenant: String = row.try_get("tenant")?;
     let origin: i32 = row.try_get("origin")?;
     let left = Duration::from_secs_f64(row.try_get::<f64, _>("left_s")?);
-    if origin == me || row.try_get::<bool, _>("ended")? || left.is_zero() {
-        return Ok(());
-    }
     // A pause of a router that is gone is not held: whoever recovers its job ends it.
-    if !is_live(fleet, Some(origin)).await? {
+    if origin == me
+        || row.try_get::<bool, _>("ended")?
+        || left.is_zero()
+        || !row.try_get::<bool, _>("origin_live")?
+    {
         return Ok(());
     }
     let gate = fleet.proxy.gates.get(&tenant);

@@ -585,7 +585,7 @@ fn may_drop_statements(query: &[u8]) -> bool {
 }
 
 /// Whether `hay` starts with `word` (lowercase ASCII), ignoring ASCII case.
-fn starts_with_ci(hay: &[u8], word: &[u8]) -> bool {
+pub(crate) fn starts_with_ci(hay: &[u8], word: &[u8]) -> bool {
     hay.len() >= word.len() && hay[..word.len()].eq_ignore_ascii_case(word)
 }
 

@@ -745,16 +745,14 @@ const TRACKED: &[&str] = &[
 /// pooling cannot give: they are refused with a clear error rather than silently breaking
 /// (a LISTEN that never hears, a lock held by whoever gets the connection next).
 fn session_only(query: &[u8]) -> Option<&'static str> {
-    use super::prepared::contains_ci;
+    use super::prepared::{contains_ci, starts_with_ci};
     let start = query
         .iter()
         .position(|b| !b.is_ascii_whitespace())
         .unwrap_or(query.len());
     let q = &query[start..];
     let starts = |word: &[u8]| {
-        q.len() > word.len()
-            && q[..word.len()].eq_ignore_ascii_case(word)
-            && q[word.len()].is_ascii_whitespace()
+        starts_with_ci(q, word) && q.get(word.len()).is_some_and(u8::is_ascii_whitespace)
     };
     if starts(b"listen") {
         Some("LISTEN")
