@@ -172,7 +172,7 @@ async fn run(gw: &Gateway, req: Request) -> Result<Answer, ApiError> {
     cancel.disarm();
     match &outcome {
         Err((e, _)) if e.breaks_connection() => drop(co),
-        _ => pool.release(co),
+        _ => pool.release(co, None),
     }
     let results = outcome.map_err(|(e, i)| ApiError::from_exec(e).at_statement(i))?;
     Ok(if batch {

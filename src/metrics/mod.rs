@@ -211,6 +211,8 @@ pub fn count_error(stats: &TenantStats, mut body: &[u8]) {
 pub struct BusyTimer {
     stats: Arc<TenantStats>,
     since: Instant,
+    /// When the checkout ended, if the releaser had the clock at hand.
+    until: Option<Instant>,
 }
 
 impl BusyTimer {
@@ -223,13 +225,24 @@ impl BusyTimer {
         BusyTimer {
             stats: stats.clone(),
             since,
+            until: None,
         }
+    }
+
+    pub fn since(&self) -> Instant {
+        self.since
+    }
+
+    /// The checkout ends at `at` (a clock reading the caller already has), not at drop.
+    pub fn end_at(&mut self, at: Instant) {
+        self.until = Some(at);
     }
 }
 
 impl Drop for BusyTimer {
     fn drop(&mut self) {
-        let ns = self.since.elapsed().as_nanos() as u64;
+        let until = self.until.unwrap_or_else(Instant::now);
+        let ns = until.saturating_duration_since(self.since).as_nanos() as u64;
         self.stats.busy_ns.fetch_add(ns, Relaxed);
     }
 }
@@ -241,6 +254,8 @@ pub struct Meter {
     pub bytes_in: u64,
     pub bytes_out: u64,
     started: Option<Instant>,
+    /// The clock at the last ReadyForQuery, for whoever releases the server next.
+    ready_at: Option<Instant>,
     /// Where the last flush went, so bytes after it are not lost when the session ends.
     last: Option<Arc<TenantStats>>,
 }
@@ -254,12 +269,30 @@ impl Meter {
         }
     }
 
+    /// The next request is timed from `at` (when its server was checked out), which saves
+    /// a clock read in [`Meter::request`].
+    #[inline]
+    pub fn request_from(&mut self, at: Instant) {
+        if self.started.is_none() {
+            self.started = Some(at);
+        }
+    }
+
+    /// The clock at the last ReadyForQuery, once: a release right after it reuses it.
+    #[inline]
+    pub fn take_ready_at(&mut self) -> Option<Instant> {
+        self.ready_at.take()
+    }
+
     /// The server said ReadyForQuery with `status`; `pending` is whether more replies are
     /// still expected (pipelined requests, timed from here on).
     pub fn ready(&mut self, stats: &Arc<TenantStats>, status: u8, pending: bool) {
         let now = Instant::now();
-        let took = self.started.map_or(Duration::ZERO, |s| now - s);
+        let took = self
+            .started
+            .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
         self.started = pending.then_some(now);
+        self.ready_at = Some(now);
         stats.query_time.observe(took);
         if status == b'I' {
             stats.transactions.fetch_add(1, Relaxed);

@@ -203,6 +203,13 @@ pub struct Checkout {
     _busy: BusyTimer,
 }
 
+impl Checkout {
+    /// When the server connection was handed out.
+    pub fn since(&self) -> Instant {
+        self._busy.since()
+    }
+}
+
 impl Pool {
     /// Records the ClientKey and verifier of a client that just authenticated, so new server
     /// connections can log in with SCRAM pass-through.
@@ -219,7 +226,12 @@ impl Pool {
     pub async fn checkout(&self, limits: &PoolLimits) -> Result<Checkout, CheckoutError> {
         let started = tokio::time::Instant::now();
         let co = self.take_server(limits, started).await;
-        self.stats.pool_wait.observe(started.elapsed());
+        // Until the busy timer started: no second clock read when nothing was waited for.
+        let waited = match &co {
+            Ok(c) => c.since().saturating_duration_since(started.into_std()),
+            Err(_) => started.elapsed(),
+        };
+        self.stats.pool_wait.observe(waited);
         co
     }
 
@@ -305,9 +317,12 @@ impl Pool {
         })
     }
 
-    /// Returns a clean (idle, out of any transaction) connection to the pool.
-    pub fn release(&self, mut c: Checkout) {
-        c.conn.last_used = Instant::now();
+    /// Returns a clean (idle, out of any transaction) connection to the pool; `now` is the
+    /// clock if the caller read it a moment ago (at the ReadyForQuery that made it clean).
+    pub fn release(&self, mut c: Checkout, now: Option<Instant>) {
+        let now = now.unwrap_or_else(Instant::now);
+        c.conn.last_used = now;
+        c._busy.end_at(now);
         self.idle.lock().push(c.conn);
     }
 

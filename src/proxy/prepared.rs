@@ -255,6 +255,14 @@ impl Replies {
         });
     }
 
+    /// Whether [`Replies::pump`] has anything to do.
+    #[inline]
+    pub fn due(&self) -> bool {
+        self.queue
+            .front()
+            .is_some_and(|h| matches!(h.reply, Reply::Synthesize(_)) || h.ends == Ends::CopyEnd)
+    }
+
     /// Writes the router's own replies that are now due (at the head of the queue).
     pub fn pump(&mut self, to_client: &mut BytesMut) {
         while let Some(head) = self.queue.front() {

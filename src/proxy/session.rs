@@ -67,6 +67,8 @@ pub struct Session<'a> {
     params_sig: u64,
     pool: Arc<Pool>,
     route: Arc<crate::routing::TenantRoute>,
+    /// The routing table generation `route` was last checked against.
+    route_seen: u64,
     /// Bytes read from the client, not yet scanned.
     cin: BytesMut,
     /// Scanned client bytes waiting to be written to the server.
@@ -116,6 +118,7 @@ impl<'a> Session<'a> {
             params_sig,
             pool,
             route,
+            route_seen: u64::MAX, // never: the first checkout looks the tenant up
             cin: leftover,
             cout: BytesMut::new(),
             sin: BytesMut::new(),
@@ -154,10 +157,13 @@ impl<'a> Session<'a> {
             self.pass = Some(pass);
         }
         let table = self.proxy.table.load();
-        if let Some(current) = table.tenant(&self.route.name) {
-            if !Arc::ptr_eq(current, &self.route) {
-                self.route = current.clone();
+        if table.generation != self.route_seen {
+            if let Some(current) = table.tenant(&self.route.name) {
+                if !Arc::ptr_eq(current, &self.route) {
+                    self.route = current.clone();
+                }
             }
+            self.route_seen = table.generation;
         }
         drop(table);
         let settings = self.proxy.settings();
@@ -245,14 +251,15 @@ impl<'a> Session<'a> {
         Ok(co)
     }
 
-    fn release(&mut self, co: Checkout) {
+    /// `now`: the clock at the ReadyForQuery that made the server clean, if just read.
+    fn release(&mut self, co: Checkout, now: Option<std::time::Instant>) {
         tracing::trace!(
             client = self.client_id,
             backend = co.conn.backend_pid,
             "release"
         );
         self.slot.detach();
-        self.pool.release(co);
+        self.pool.release(co, now);
         self.pass = None;
     }
 
@@ -277,7 +284,7 @@ impl<'a> Session<'a> {
         let mut server = match self.mode() {
             PoolMode::Session => Some(first),
             PoolMode::Transaction => {
-                self.release(first);
+                self.release(first, None);
                 None
             }
         };
@@ -286,7 +293,10 @@ impl<'a> Session<'a> {
                 Some(co) => co,
                 None => match self.idle(&shutdown).await {
                     Idle::Work => match self.attach().await {
-                        Ok(co) => co,
+                        Ok(co) => {
+                            self.meter.request_from(co.since());
+                            co
+                        }
                         Err(e) => return self.fail(e).await,
                     },
                     Idle::End(Some(e)) => return self.fail(e).await,
@@ -296,7 +306,8 @@ impl<'a> Session<'a> {
             let (outcome, co) = self.relay(co, &shutdown).await;
             match outcome {
                 Attached::Released => {
-                    self.release(co);
+                    let at = self.meter.take_ready_at();
+                    self.release(co, at);
                 }
                 Attached::ClientGone => return self.finish_server(co).await,
                 Attached::Pausing => match self.carry_over(co).await {
@@ -421,7 +432,7 @@ impl<'a> Session<'a> {
             co.conn.synced_for = None;
             co.conn.prepared.clear();
         }
-        self.pool.release(co);
+        self.pool.release(co, None);
     }
 
     /// After the client left: sends what it had fully queued and reads the server's replies
@@ -520,24 +531,40 @@ impl<'a> Session<'a> {
     /// ParameterStatus on the way. Returns true at a point where the server may be released
     /// (transaction mode).
     fn scan_server(&mut self, co: &mut Checkout) -> Result<bool, FrameError> {
+        // Messages are scanned in place and moved to `sout` in one piece at the end (or before
+        // the router writes or drops anything itself): one split per read, not per message.
+        let mut fwd = 0;
+        let r = self.scan_server_at(co, &mut fwd);
+        forward(&mut self.sin, &mut self.sout, fwd);
+        r
+    }
+
+    /// [`Session::scan_server`] from `sin[*fwd..]`; `*fwd` bytes are scanned and owed to
+    /// the client.
+    fn scan_server_at(&mut self, co: &mut Checkout, fwd: &mut usize) -> Result<bool, FrameError> {
         loop {
+            let rest = self.sin.len() - *fwd;
             if self.sscan.remaining > 0 {
-                let n = self.sscan.remaining.min(self.sin.len());
+                let n = self.sscan.remaining.min(rest);
                 if n == 0 {
                     return Ok(false);
                 }
-                forward(&mut self.sin, &mut self.sout, n);
+                *fwd += n;
                 self.sscan.remaining -= n;
                 continue;
             }
             // The router's own replies that are due go out between whole messages.
-            self.replies.pump(&mut self.sout);
-            let Some(h) = framing::peek_header(&self.sin)? else {
+            if self.replies.due() {
+                forward(&mut self.sin, &mut self.sout, std::mem::take(fwd));
+                self.replies.pump(&mut self.sout);
+            }
+            let at = *fwd;
+            let Some(h) = framing::peek_header(&self.sin[at..])? else {
                 return Ok(false);
             };
             // Both modes track replies (session mode to know when the server is idle).
             let whole = self.replies.needs_whole(h.tag) || matches!(h.tag, b'Z' | b'S' | b'E');
-            if whole && self.sin.len() < h.wire_len {
+            if whole && rest < h.wire_len {
                 return Ok(false);
             }
             if !self
@@ -545,37 +572,37 @@ impl<'a> Session<'a> {
                 .on_server(h.tag, &mut co.conn.prepared, &self.pool.known)
             {
                 // The reply to a message the router injected.
+                forward(&mut self.sin, &mut self.sout, std::mem::take(fwd));
                 let _ = self.sin.split_to(h.wire_len);
                 continue;
             }
-            if h.tag == b'E' {
-                crate::metrics::count_error(&self.pool.stats, &self.sin[5..h.wire_len]);
-            }
+            let body = &self.sin[at + 5..at + h.wire_len.min(rest)];
             match h.tag {
-                b'Z' | b'S' => {
-                    if self.sin.len() < h.wire_len {
-                        return Ok(false);
+                b'E' => {
+                    crate::metrics::count_error(&self.pool.stats, body);
+                    *fwd += h.wire_len;
+                }
+                b'Z' => {
+                    self.status = body.first().copied().unwrap_or(b'I');
+                    let pending = !self.replies.is_empty();
+                    self.meter.ready(&self.pool.stats, self.status, pending);
+                    *fwd += h.wire_len;
+                    if self.mode() == PoolMode::Transaction && self.server_clean() {
+                        return Ok(true);
                     }
-                    let body = &self.sin[5..h.wire_len];
-                    if h.tag == b'Z' {
-                        self.status = body.first().copied().unwrap_or(b'I');
-                        let pending = !self.replies.is_empty();
-                        self.meter.ready(&self.pool.stats, self.status, pending);
-                    } else if let Some((name, value)) = parameter_status(body) {
+                }
+                b'S' => {
+                    if let Some((name, value)) = parameter_status(body) {
                         co.conn.set_param(&name, &value);
                         // Changed behind the sync's back: compare fully at the next checkout.
                         co.conn.synced_for = None;
                         self.remember_param(&name, &value);
                     }
-                    forward(&mut self.sin, &mut self.sout, h.wire_len);
-                    if h.tag == b'Z' && self.mode() == PoolMode::Transaction && self.server_clean()
-                    {
-                        return Ok(true);
-                    }
+                    *fwd += h.wire_len;
                 }
                 _ => {
-                    let n = h.wire_len.min(self.sin.len());
-                    forward(&mut self.sin, &mut self.sout, n);
+                    let n = h.wire_len.min(rest);
+                    *fwd += n;
                     self.sscan.remaining = h.wire_len - n;
                 }
             }
@@ -629,6 +656,21 @@ impl<'a> Session<'a> {
                 Err(e) => {
                     tracing::warn!(tenant = %self.route.name, "pod sent a malformed message: {e}");
                     break Attached::ServerGone;
+                }
+            }
+            // Sockets nearly always take a request or a reply at once: write without a trip
+            // through the select below (a loop round per message saved; what does not fit is
+            // left to it, polled again with this task's waker).
+            if !self.cout.is_empty() {
+                if let Some(Err(_)) = now_or_never(co.conn.stream.write_buf(&mut self.cout)) {
+                    break Attached::ServerGone;
+                }
+            }
+            if !self.sout.is_empty() {
+                match now_or_never(self.client.write_buf(&mut self.sout)) {
+                    Some(Ok(n)) => self.meter.bytes_out += n as u64,
+                    Some(Err(_)) => break Attached::ClientGone,
+                    None => {}
                 }
             }
             let read_client =
@@ -708,6 +750,14 @@ impl<'a> Session<'a> {
             if self.cin.capacity() - self.cin.len() < 64 {
                 self.cin.reserve(IDLE_READ_CHUNK);
             }
+            if !self.sout.is_empty() {
+                // As in `relay`: the reply usually fits the socket at once.
+                match now_or_never(self.client.write_buf(&mut self.sout)) {
+                    Some(Ok(n)) => self.meter.bytes_out += n as u64,
+                    Some(Err(_)) => return Idle::End(None),
+                    None => {}
+                }
+            }
             if self.sout.is_empty() {
                 self.meter.flush(&self.pool.stats);
             }
@@ -723,6 +773,16 @@ impl<'a> Session<'a> {
                 _ = shutdown.cancelled(), if self.sout.is_empty() => return Idle::End(Some(shutting_down())),
             }
         }
+    }
+}
+
+/// Polls `f` once, without a waker: its output if it is ready at once. The caller polls it
+/// again in a `select!` (with the task's waker) when it is not, so no wake-up is lost.
+fn now_or_never<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -1024,6 +1084,9 @@ fn shutting_down() -> RouterError {
 }
 
 fn forward(from: &mut BytesMut, to: &mut BytesMut, n: usize) {
+    if n == 0 {
+        return;
+    }
     let chunk = from.split_to(n);
     if to.is_empty() {
         *to = chunk;

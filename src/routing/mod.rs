@@ -86,6 +86,14 @@ pub struct RoutingTable {
     pub pods: HashMap<String, Arc<PodRoute>>,
     pub tenants: HashMap<String, Arc<TenantRoute>>,
     pub roles: HashMap<String, Arc<RoleAuth>>,
+    /// Unique per table built in this process (the empty default is 0): a session that saw
+    /// this generation last needs no lookup of its tenant again.
+    pub generation: u64,
+}
+
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl RoutingTable {
@@ -156,6 +164,7 @@ impl RoutingTable {
             pods,
             tenants,
             roles,
+            generation: next_generation(),
         }
     }
 
@@ -186,6 +195,7 @@ impl RoutingTable {
             pods: self.pods.clone(),
             tenants,
             roles: self.roles.clone(),
+            generation: next_generation(),
         })
     }
 
