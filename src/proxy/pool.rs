@@ -257,16 +257,17 @@ impl Pool {
         };
         loop {
             let conn = self.idle.lock().pop();
-            match conn {
-                Some(c)
-                    if !c.looks_alive()
+            let idle_for = conn
+                .as_ref()
+                .map(|c| now.saturating_duration_since(c.last_used));
+            match (conn, idle_for) {
+                (Some(c), Some(idle_for))
+                    if !c.looks_alive(idle_for)
                         || now.saturating_duration_since(c.created) >= limits.server_lifetime =>
                 {
                     continue
                 }
-                Some(mut c)
-                    if now.saturating_duration_since(c.last_used) >= limits.server_check_after =>
-                {
+                (Some(mut c), Some(idle_for)) if idle_for >= limits.server_check_after => {
                     // Long idle: a firewall or a pod restart may have cut it silently.
                     if c.simple_query("SELECT 1", limits.connect_timeout)
                         .await
@@ -279,14 +280,14 @@ impl Pool {
                         });
                     }
                 }
-                Some(c) => {
+                (Some(c), _) => {
                     return Ok(Checkout {
                         conn: c,
                         _permit: permit,
                         _busy: BusyTimer::start_at(&self.stats, now),
                     })
                 }
-                None => break,
+                (None, _) => break,
             }
         }
         let left = limits.checkout_timeout.saturating_sub(started.elapsed());

@@ -365,10 +365,11 @@ impl ServerConn {
         Ok(sql.matches(';').count())
     }
 
-    /// Whether an idle connection still looks alive: no EOF and no unsolicited bytes (a
-    /// server shutting down sends a FATAL before closing). Cheap: one non-blocking read.
-    pub fn looks_alive(&self) -> bool {
-        self.stream.looks_alive()
+    /// Whether an idle connection (idle for `idle_for`) still looks alive: no EOF and no
+    /// unsolicited bytes (a server shutting down sends a FATAL before closing). Cheap: at
+    /// most one non-blocking read.
+    pub fn looks_alive(&self, idle_for: Duration) -> bool {
+        self.stream.looks_alive(idle_for)
     }
 }
 
