@@ -493,16 +493,21 @@ mod tests {
             .join(" ")
     }
 
-    fn split(pod: &str, tenant_spec: &str, want: &str) {
+    /// Splits the first pod of `pod` onto a copy of it named "new".
+    fn split_plan(pod: &str, tenant_spec: &str) -> Plan {
         let p = &pods(pod)[0];
         let target = PodLoad {
             name: "new".into(),
             ..p.clone()
         };
-        let plan = plan_split(p, &target, &tenants(tenant_spec));
+        plan_split(p, &target, &tenants(tenant_spec))
+    }
+
+    fn split(pod: &str, tenant_spec: &str, want: &str) {
+        let plan = split_plan(pod, tenant_spec);
         assert_eq!(moved(&plan), want, "{tenant_spec}: {}", plan.note);
         let moved_busy: f64 = plan.moves.iter().map(|m| m.busy).sum();
-        let after = &plan.after[&target.name];
+        let after = &plan.after["new"];
         assert!((after.busy - moved_busy).abs() < 1e-9);
     }
 
@@ -576,12 +581,7 @@ mod tests {
                 busy(0.4, jitter()),
                 busy(0.2, jitter())
             );
-            let p = &pods("a:4")[0];
-            let target = PodLoad {
-                name: "new".into(),
-                ..p.clone()
-            };
-            let plan = plan_split(p, &target, &tenants(&spec));
+            let plan = split_plan("a:4", &spec);
             let moved: Vec<&str> = plan.moves.iter().map(|m| m.tenant.as_str()).collect();
             assert!(
                 !moved.contains(&"c3"),

@@ -256,38 +256,32 @@ impl Pool {
             }
         };
         loop {
+            // Popped in a statement of its own: the lock is not held past it.
             let conn = self.idle.lock().pop();
-            let idle_for = conn
-                .as_ref()
-                .map(|c| now.saturating_duration_since(c.last_used));
-            match (conn, idle_for) {
-                (Some(c), Some(idle_for))
-                    if !c.looks_alive(idle_for)
-                        || now.saturating_duration_since(c.created) >= limits.server_lifetime =>
-                {
-                    continue
-                }
-                (Some(mut c), Some(idle_for)) if idle_for >= limits.server_check_after => {
-                    // Long idle: a firewall or a pod restart may have cut it silently.
-                    if c.simple_query("SELECT 1", limits.connect_timeout)
-                        .await
-                        .is_ok()
-                    {
-                        return Ok(Checkout {
-                            conn: c,
-                            _permit: permit,
-                            _busy: BusyTimer::start(&self.stats),
-                        });
-                    }
-                }
-                (Some(c), _) => {
-                    return Ok(Checkout {
-                        conn: c,
-                        _permit: permit,
-                        _busy: BusyTimer::start_at(&self.stats, now),
-                    })
-                }
-                (None, _) => break,
+            let Some(mut c) = conn else { break };
+            let idle_for = now.saturating_duration_since(c.last_used);
+            if !c.looks_alive(idle_for)
+                || now.saturating_duration_since(c.created) >= limits.server_lifetime
+            {
+                continue;
+            }
+            if idle_for < limits.server_check_after {
+                return Ok(Checkout {
+                    conn: c,
+                    _permit: permit,
+                    _busy: BusyTimer::start_at(&self.stats, now),
+                });
+            }
+            // Long idle: a firewall or a pod restart may have cut it silently.
+            if c.simple_query("SELECT 1", limits.connect_timeout)
+                .await
+                .is_ok()
+            {
+                return Ok(Checkout {
+                    conn: c,
+                    _permit: permit,
+                    _busy: BusyTimer::start(&self.stats),
+                });
             }
         }
         let left = limits.checkout_timeout.saturating_sub(started.elapsed());

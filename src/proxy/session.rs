@@ -21,6 +21,7 @@ use crate::protocol::sqlstate;
 use crate::routing::pause::{GatePass, Held, PauseGate};
 use crate::routing::replica;
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -466,6 +467,18 @@ impl<'a> Session<'a> {
         let _ = self.client.shutdown().await;
     }
 
+    /// Writes what is owed to the client if its socket takes it at once (it nearly always
+    /// does): one write without a round through a `select!`. What is left, the caller's
+    /// `select!` writes, polled there with this task's waker, so no wake-up is lost.
+    fn write_client_now(&mut self) -> std::io::Result<()> {
+        if !self.sout.is_empty() {
+            if let Some(n) = self.client.write_buf(&mut self.sout).now_or_never() {
+                self.meter.bytes_out += n? as u64;
+            }
+        }
+        Ok(())
+    }
+
     async fn flush_to_client(&mut self) -> std::io::Result<()> {
         while !self.sout.is_empty() {
             self.client.write_buf(&mut self.sout).await?;
@@ -662,16 +675,12 @@ impl<'a> Session<'a> {
             // through the select below (a loop round per message saved; what does not fit is
             // left to it, polled again with this task's waker).
             if !self.cout.is_empty() {
-                if let Some(Err(_)) = now_or_never(co.conn.stream.write_buf(&mut self.cout)) {
+                if let Some(Err(_)) = co.conn.stream.write_buf(&mut self.cout).now_or_never() {
                     break Attached::ServerGone;
                 }
             }
-            if !self.sout.is_empty() {
-                match now_or_never(self.client.write_buf(&mut self.sout)) {
-                    Some(Ok(n)) => self.meter.bytes_out += n as u64,
-                    Some(Err(_)) => break Attached::ClientGone,
-                    None => {}
-                }
+            if self.write_client_now().is_err() {
+                break Attached::ClientGone;
             }
             let read_client =
                 !self.terminate && self.cout.len() < HIGH_WATER && self.cin.len() < HIGH_WATER;
@@ -750,13 +759,8 @@ impl<'a> Session<'a> {
             if self.cin.capacity() - self.cin.len() < 64 {
                 self.cin.reserve(IDLE_READ_CHUNK);
             }
-            if !self.sout.is_empty() {
-                // As in `relay`: the reply usually fits the socket at once.
-                match now_or_never(self.client.write_buf(&mut self.sout)) {
-                    Some(Ok(n)) => self.meter.bytes_out += n as u64,
-                    Some(Err(_)) => return Idle::End(None),
-                    None => {}
-                }
+            if self.write_client_now().is_err() {
+                return Idle::End(None);
             }
             if self.sout.is_empty() {
                 self.meter.flush(&self.pool.stats);
@@ -773,16 +777,6 @@ impl<'a> Session<'a> {
                 _ = shutdown.cancelled(), if self.sout.is_empty() => return Idle::End(Some(shutting_down())),
             }
         }
-    }
-}
-
-/// Polls `f` once, without a waker: its output if it is ready at once. The caller polls it
-/// again in a `select!` (with the task's waker) when it is not, so no wake-up is lost.
-fn now_or_never<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::pin!(f).poll(&mut cx) {
-        std::task::Poll::Ready(out) => Some(out),
-        std::task::Poll::Pending => None,
     }
 }
 

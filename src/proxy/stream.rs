@@ -95,10 +95,12 @@ impl ServerStream {
     /// since the runtime's readiness may lag the pod's FIN, and a peek consumes nothing
     /// (not even TLS records).
     pub fn looks_alive(&self, idle_for: std::time::Duration) -> bool {
+        use futures_util::FutureExt;
         use std::os::fd::AsRawFd;
         let tcp_ready = |t: &TcpStream| {
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            t.poll_read_ready(&mut cx).is_ready()
+            std::future::poll_fn(|cx| t.poll_read_ready(cx))
+                .now_or_never()
+                .is_some()
         };
         let fd = match self {
             MaybeTls::Plain(s) => {
