@@ -80,8 +80,8 @@ print(f"pgbench -n -S -M {protocol} -c {clients} -j {jobs} -T {duration}, pool {
       "over rounds; the columns before idle add up to the busy time.\n")
 for r in errors:
     print(f"- round {r['round']} {r['target']}: {r['m']['error']}")
-cols = ["tps", "proxy_user_us", "proxy_sys_us", "postgres_us", "pgbench_us", "rest_us", "idle_us", "steal_us", "proxy_ivcs"]
-head = ["target", "tps", "proxy user", "proxy sys", "Postgres", "pgbench", "rest", "idle", "steal", "busy total", "proxy preempted /txn", "tps vs PgBouncer"]
+cols = ["tps", "proxy_user_us", "proxy_sys_us", "postgres_us", "pgbench_us", "rest_us", "idle_us", "steal_us", "proxy_ivcs", "pgbench_vcs"]
+head = ["target", "tps", "proxy user", "proxy sys", "Postgres", "pgbench", "rest", "idle", "steal", "busy total", "proxy preempted /txn", "pgbench sleeps /txn", "tps vs PgBouncer"]
 print("| " + " | ".join(head) + " |")
 print("|---|" + "---:|" * (len(head) - 1))
 med = {}
@@ -98,7 +98,8 @@ for target, m in med.items():
     cells = [target, f"{m['tps']:,.0f}",
              f"{m['proxy_user_us']:.1f}" if proxy else "—", f"{m['proxy_sys_us']:.1f}" if proxy else "—",
              f"{m['postgres_us']:.1f}", f"{m['pgbench_us']:.1f}", f"{m['rest_us']:.1f}", f"{m['idle_us']:.1f}",
-             f"{m['steal_us']:.1f}", f"{m['busy']:.1f}", f"{m['proxy_ivcs']:.2f}" if proxy else "—", vs]
+             f"{m['steal_us']:.1f}", f"{m['busy']:.1f}", f"{m['proxy_ivcs']:.2f}" if proxy else "—",
+             f"{m['pgbench_vcs']:.2f}", vs]
     print("| " + " | ".join(cells) + " |")
 print("\nPer round (tps): " + "; ".join(
     f"{r['round']} {r['target']} {r['m'].get('tps', 'error')}" for r in rows))

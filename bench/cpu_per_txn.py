@@ -6,7 +6,7 @@ line: tps, transactions, and CPU microseconds per transaction spent by the proxy
 and system, all threads), by the pod's Postgres processes (live ones plus the backends the
 postmaster reaped during the run), by pgbench itself, the rest of the busy time (kernel work
 not charged to a process, e.g. softirq, and everything else on the machine), the idle time,
-and the proxy's context switches per transaction.
+and the proxy's and pgbench's context switches per transaction.
 
 usage: cpu_per_txn.py --postmaster PID [--proxy PID] -- pgbench ARGS...
 """
@@ -132,6 +132,8 @@ def main():
                 "steal_us": per(steal),
                 "proxy_vcs": (cs1[0] - cs0[0]) / n,
                 "proxy_ivcs": (cs1[1] - cs0[1]) / n,
+                "pgbench_vcs": usage.ru_nvcsw / n,
+                "pgbench_ivcs": usage.ru_nivcsw / n,
             }
         )
     )
