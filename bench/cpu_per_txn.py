@@ -48,10 +48,10 @@ def postgres_ticks(postmaster):
     total = u + s + cu + cs
     for child in children(postmaster):
         try:
-            cu_, cs_ = stat_fields(child)[:2]
+            child_user, child_sys = stat_fields(child)[:2]
         except (FileNotFoundError, ProcessLookupError):
-            continue
-        total += cu_ + cs_
+            continue  # ended since the listing: the postmaster's cutime will hold it
+        total += child_user + child_sys
     return total
 
 
