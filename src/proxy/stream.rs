@@ -95,36 +95,31 @@ impl ServerStream {
     /// since the runtime's readiness may lag the pod's FIN, and a peek consumes nothing
     /// (not even TLS records).
     pub fn looks_alive(&self, idle_for: std::time::Duration) -> bool {
-        use futures_util::FutureExt;
-        use std::os::fd::AsRawFd;
-        let tcp_ready = |t: &TcpStream| {
-            std::future::poll_fn(|cx| t.poll_read_ready(cx))
-                .now_or_never()
-                .is_some()
-        };
-        let fd = match self {
-            MaybeTls::Plain(s) => {
-                if idle_for < PEEK_AFTER && !tcp_ready(s) {
-                    return true;
-                }
-                s.as_raw_fd()
-            }
-            MaybeTls::Tls(s) => {
-                let s = s.lock();
-                let tcp = s.get_ref().0;
-                if idle_for < PEEK_AFTER && !tcp_ready(tcp) {
-                    return true;
-                }
-                tcp.as_raw_fd()
-            }
-        };
-        let mut probe = [0u8; 1];
-        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
-        matches!(
-            nix::sys::socket::recv(fd, &mut probe, flags),
-            Err(nix::errno::Errno::EAGAIN)
-        )
+        match self {
+            MaybeTls::Plain(s) => tcp_looks_alive(s, idle_for),
+            MaybeTls::Tls(s) => tcp_looks_alive(s.lock().get_ref().0, idle_for),
+        }
     }
+}
+
+/// [`ServerStream::looks_alive`] on the TCP socket under the stream.
+fn tcp_looks_alive(tcp: &TcpStream, idle_for: std::time::Duration) -> bool {
+    use futures_util::FutureExt;
+    use std::os::fd::AsRawFd;
+    let readiness_seen = || {
+        std::future::poll_fn(|cx| tcp.poll_read_ready(cx))
+            .now_or_never()
+            .is_some()
+    };
+    if idle_for < PEEK_AFTER && !readiness_seen() {
+        return true;
+    }
+    let mut probe = [0u8; 1];
+    let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    matches!(
+        nix::sys::socket::recv(tcp.as_raw_fd(), &mut probe, flags),
+        Err(nix::errno::Errno::EAGAIN)
+    )
 }
 
 /// Idle connections younger than this are checked by the runtime's readiness alone (see
