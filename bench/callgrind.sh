@@ -29,9 +29,7 @@ WARMUP_TX=500
 DEMO_START_TIMEOUT=${DEMO_START_TIMEOUT:-600}
 PGB_START_TIMEOUT=${PGB_START_TIMEOUT:-120}
 
-for v in TX CLIENTS POOL IDLE TOP; do
-    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
-done
+whole_numbers TX CLIENTS POOL IDLE TOP
 ((TX > 0 && CLIENTS > 0 && POOL > 0 && TOP > 0)) || die "TX, CLIENTS, POOL and TOP must be positive"
 ((CLIENTS <= 150)) || die "CLIENTS must be at most 150 (the pod's max_connections is 200)"
 

@@ -37,6 +37,14 @@ for s in socks:
 EOF
 }
 
+# whole_numbers VAR [VAR ...]: dies unless each named variable holds a whole number.
+whole_numbers() {
+    local v
+    for v in "$@"; do
+        [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
+    done
+}
+
 # Raises the open-files limit to $1 or, failing that, to the hard limit. Prints the result.
 raise_nofile() {
     local want=$1 hard

@@ -26,9 +26,9 @@ POOL=${POOL:-20}
 SCALE=${SCALE:-5}
 ROUNDS=${ROUNDS:-3}
 PROTOCOL=${PROTOCOL:-simple}
-for v in DURATION CLIENTS JOBS POOL SCALE ROUNDS; do
-    [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number, got '${!v}'"
-done
+whole_numbers DURATION CLIENTS JOBS POOL SCALE ROUNDS
+((DURATION > 0 && CLIENTS > 0 && JOBS > 0 && POOL > 0 && SCALE > 0 && ROUNDS > 0)) ||
+    die "DURATION, CLIENTS, JOBS, POOL, SCALE and ROUNDS must be positive"
 case $PROTOCOL in simple | extended | prepared) ;; *) die "PROTOCOL must be simple, extended or prepared" ;; esac
 
 bench_init cpu

@@ -20,9 +20,7 @@ SOURCES=${SOURCES:-49}
 HOLD=${HOLD:-10}
 CONCURRENCY=${CONCURRENCY:-200}
 TIMEOUT=${TIMEOUT:-600}
-for v in N SOURCES HOLD CONCURRENCY TIMEOUT; do
-    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
-done
+whole_numbers N SOURCES HOLD CONCURRENCY TIMEOUT
 ((N >= 1 && N < 19000)) || die "N must be between 1 and 18999 (the router's default pool.max_clients is 20000)"
 
 bench_init idle_clients

@@ -27,9 +27,7 @@ JOBS=${JOBS:-2}
 SAMPLING=${SAMPLING:-0.2}
 WARMUP=${WARMUP:-5}
 
-for v in DURATION POOL SCALE ROUNDS JOBS WARMUP; do
-    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number, got '${!v}'"
-done
+whole_numbers DURATION POOL SCALE ROUNDS JOBS WARMUP
 ((DURATION > 0 && ROUNDS > 0 && JOBS > 0)) || die "DURATION, ROUNDS and JOBS must be positive"
 max_clients=0
 for c in $CLIENTS; do
