@@ -11,6 +11,7 @@ pub mod pool;
 pub mod prepared;
 pub mod server;
 pub mod session;
+pub mod sqltext;
 pub mod startup;
 pub mod stream;
 pub mod tls;

@@ -17,6 +17,7 @@
 //!   the router's own replies are inserted exactly where the server's would have been.
 //!   After an ErrorResponse the server skips to Sync, and so does the queue.
 
+use super::sqltext::{deallocate, drops_statements, Deallocate};
 use crate::protocol::framing::{take_cstr, FrameError, Header};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -29,6 +30,10 @@ pub const KNOWN_LIMIT: usize = 10_000;
 /// Statements a server connection keeps before evicting the least recently used.
 pub const SERVER_CACHE_SIZE: usize = 512;
 
+/// A simple query up to this long is read whole before it goes to the server, so the router
+/// can tell whether it drops prepared statements; a longer one is assumed to.
+const WHOLE_QUERY_LIMIT: usize = 64 * 1024;
+
 type Key = [u8; 16];
 
 /// One statement as a client prepared it.
@@ -39,6 +44,8 @@ pub struct Statement {
     name: String,
     /// The Parse body after the statement name: query, parameter count and types.
     body: Bytes,
+    /// Running it may drop the session's prepared statements (DISCARD, DEALLOCATE).
+    drops: bool,
 }
 
 impl Statement {
@@ -46,9 +53,11 @@ impl Statement {
         let digest = Sha256::digest(&body);
         let key: Key = digest[..16].try_into().expect("16 bytes");
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let query = body.split(|&b| b == 0).next().unwrap_or_default();
         Statement {
             key,
             name: format!("pr_{hex}"),
+            drops: drops_statements(query),
             body,
         }
     }
@@ -58,6 +67,11 @@ impl Statement {
 #[derive(Default)]
 pub struct ClientStatements {
     by_name: HashMap<String, Arc<Statement>>,
+    /// The client's unnamed statement may drop prepared statements when run.
+    unnamed_drops: bool,
+    /// Portals bound to a statement that may drop prepared statements: executing one makes
+    /// the router unsure what the server still holds. Nearly always empty.
+    dropping_portals: Vec<String>,
 }
 
 impl ClientStatements {
@@ -68,12 +82,44 @@ impl ClientStatements {
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
+
+    /// `portal` was bound; `drops` if to a statement that may drop prepared statements.
+    fn bound(&mut self, portal: &str, drops: bool) {
+        self.dropping_portals.retain(|p| p != portal);
+        if drops {
+            if self.dropping_portals.len() >= 16 {
+                self.dropping_portals.remove(0);
+            }
+            self.dropping_portals.push(portal.to_owned());
+        }
+    }
+
+    /// Runs `query` if it is a DEALLOCATE of this client's statements (all of them, or one
+    /// it has), and says how to answer it.
+    fn deallocate(&mut self, query: &[u8], status: u8) -> Option<Done> {
+        let tag = match deallocate(query)? {
+            Deallocate::All => {
+                self.by_name.clear();
+                "DEALLOCATE ALL"
+            }
+            Deallocate::Name(name) => {
+                self.by_name.remove(&name)?;
+                "DEALLOCATE"
+            }
+        };
+        Some(Done { tag, status })
+    }
 }
 
 /// Statements prepared on one server connection.
 #[derive(Default, Debug)]
 pub struct ServerStatements {
     entries: HashMap<Key, u64>,
+    /// Statements the server may or may not hold: it held them when a command that can drop
+    /// statements ran (DISCARD ALL, DEALLOCATE, which may also have failed), or a Parse of
+    /// them was skipped or failed after a Close. Preparing one again is preceded by a Close
+    /// (closing a statement that does not exist is not an error).
+    unsure: HashSet<Key>,
     tick: u64,
 }
 
@@ -94,13 +140,23 @@ impl ServerStatements {
         self.entries.insert(key, self.tick);
     }
 
-    fn remove(&mut self, key: &Key) {
-        self.entries.remove(key);
+    /// A Parse of `key` failed or was skipped: whether the server holds it is unknown.
+    fn failed(&mut self, key: &Key) {
+        if self.entries.remove(key).is_some() {
+            self.unsure.insert(*key);
+        }
     }
 
-    /// Forgets everything (after DISCARD ALL / DEALLOCATE ALL).
+    /// A command that may drop statements went to the server.
+    fn forget_all(&mut self) {
+        self.unsure.extend(self.entries.drain().map(|(k, _)| k));
+    }
+
+    /// Forgets everything, knowing the server holds nothing (after the router's own
+    /// DISCARD ALL succeeded).
     pub fn clear(&mut self) {
         self.entries.clear();
+        self.unsure.clear();
     }
 
     fn oldest(&self) -> Option<Key> {
@@ -110,6 +166,7 @@ impl ServerStatements {
             .map(|(k, _)| *k)
     }
 
+    /// Statements the router knows the server holds.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -172,6 +229,10 @@ pub fn answer_without_server(
             }
             b'S' => put_message(to_client, b'Z', &[b"I"]),
             b'H' => {}
+            b'Q' => match stmts.deallocate(&input[5..h.wire_len], b'I') {
+                Some(done) => done.encode(to_client),
+                None => break,
+            },
             // Closing a named statement is the client's business only (server statements
             // are shared), as in `rewrite`: no server round trip for it and its Sync.
             b'C' => {
@@ -204,6 +265,24 @@ enum Reply {
     Swallow,
     /// Nothing was sent: the router answers the client with this message type itself.
     Synthesize(u8),
+    /// Nothing was sent: the router answers a query it ran itself (a DEALLOCATE of the
+    /// client's statements) with CommandComplete and ReadyForQuery.
+    Done(Done),
+}
+
+/// A query the router answered for the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Done {
+    tag: &'static str,
+    /// The transaction status to report (the server's, unchanged by the query).
+    status: u8,
+}
+
+impl Done {
+    fn encode(self, to_client: &mut BytesMut) {
+        put_message(to_client, b'C', &[self.tag.as_bytes(), b"\0"]);
+        put_message(to_client, b'Z', &[&[self.status]]);
+    }
 }
 
 /// Which server message completes the reply.
@@ -228,8 +307,6 @@ struct Expect {
     ends: Ends,
     /// For a Parse: the statement it creates, forgotten again if the Parse fails.
     parsed: Option<Key>,
-    /// A Query that may drop every prepared statement (DISCARD ALL, DEALLOCATE).
-    clears: bool,
 }
 
 /// The ordered replies the router still expects from the server.
@@ -239,11 +316,29 @@ pub struct Replies {
     /// The server is in COPY IN and the client has not ended it: Postgres ignores Sync and
     /// Flush until CopyDone/CopyFail, so they expect no reply.
     copy_in: bool,
+    /// The server reported an error before the client's Sync reached the router (a
+    /// pipeline sent in pieces): the server ignores every message up to that Sync, so they
+    /// expect no reply.
+    skipping: bool,
 }
 
 impl Replies {
+    /// Nothing is owed by the server (a server skipping to a Sync owes its ReadyForQuery).
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && !self.skipping
+    }
+
+    /// True if the client message `tag` arrives while the server skips to the next Sync:
+    /// it gets no reply. The Sync itself ends the skipping and is tracked as usual.
+    fn skip_to_sync(&mut self, tag: u8) -> bool {
+        if !self.skipping {
+            return false;
+        }
+        if tag == b'S' {
+            self.skipping = false;
+            return false;
+        }
+        true
     }
 
     fn push(&mut self, reply: Reply, ends: Ends) {
@@ -251,16 +346,15 @@ impl Replies {
             reply,
             ends,
             parsed: None,
-            clears: false,
         });
     }
 
     /// Whether [`Replies::pump`] has anything to do.
     #[inline]
     pub fn due(&self) -> bool {
-        self.queue
-            .front()
-            .is_some_and(|h| matches!(h.reply, Reply::Synthesize(_)) || h.ends == Ends::CopyEnd)
+        self.queue.front().is_some_and(|h| {
+            matches!(h.reply, Reply::Synthesize(_) | Reply::Done(_)) || h.ends == Ends::CopyEnd
+        })
     }
 
     /// Writes the router's own replies that are now due (at the head of the queue).
@@ -271,6 +365,7 @@ impl Replies {
                     to_client.put_u8(tag);
                     to_client.put_i32(4);
                 }
+                (Reply::Done(done), _) => done.encode(to_client),
                 (_, Ends::CopyEnd) => {} // a COPY that never started
                 _ => return,
             }
@@ -326,11 +421,7 @@ impl Replies {
         };
         match (tag, head.ends) {
             (b'Z', _) => {
-                if let Some(e) = self.queue.pop_front() {
-                    if e.clears {
-                        server.clear();
-                    }
-                }
+                self.queue.pop_front();
                 true
             }
             (b'G', _) => {
@@ -350,9 +441,11 @@ impl Replies {
                     }
                     let e = self.queue.pop_front().expect("front exists");
                     if let Some(k) = e.parsed {
-                        server.remove(&k);
+                        server.failed(&k);
                     }
                 }
+                // No Sync yet: what the client sends until it is skipped too.
+                self.skipping = self.queue.is_empty();
                 true
             }
             (b'1' | b'2' | b'3', Ends::Tag(t)) if t == tag => {
@@ -405,29 +498,57 @@ fn ensure_prepared(
     server: &mut ServerStatements,
     replies: &mut Replies,
 ) {
-    if server.has(&stmt.key) {
-        return;
+    if !server.has(&stmt.key) {
+        prepare(stmt, Reply::Swallow, out, server, replies);
     }
+}
+
+/// Sends the Parse of `stmt`, which the server does not hold (or may not: then a Close
+/// goes first), making room first when the cache is full.
+fn prepare(
+    stmt: &Statement,
+    reply: Reply,
+    out: &mut BytesMut,
+    server: &mut ServerStatements,
+    replies: &mut Replies,
+) {
     evict_if_full(out, server, replies);
+    if server.unsure.remove(&stmt.key) {
+        close(&stmt.key, out, replies);
+    }
     put_message(out, b'P', &[stmt.name.as_bytes(), b"\0", &stmt.body]);
     server.insert(stmt.key);
     replies.queue.push_back(Expect {
-        reply: Reply::Swallow,
+        reply,
         ends: Ends::Tag(b'1'),
         parsed: Some(stmt.key),
-        clears: false,
     });
 }
 
+/// Closes the server statement `key`; the reply is dropped.
+fn close(key: &Key, out: &mut BytesMut, replies: &mut Replies) {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    put_message(out, b'C', &[b"S", format!("pr_{hex}").as_bytes(), b"\0"]);
+    replies.push(Reply::Swallow, Ends::Tag(b'3'));
+}
+
+/// Keeps the statements the server may hold under [`SERVER_CACHE_SIZE`]: closes one the
+/// router is unsure of, else the least recently used.
 fn evict_if_full(out: &mut BytesMut, server: &mut ServerStatements, replies: &mut Replies) {
-    if server.len() < SERVER_CACHE_SIZE {
+    if server.entries.len() + server.unsure.len() < SERVER_CACHE_SIZE {
         return;
     }
-    if let Some(old) = server.oldest() {
-        server.remove(&old);
-        let hex: String = old.iter().map(|b| format!("{b:02x}")).collect();
-        put_message(out, b'C', &[b"S", format!("pr_{hex}").as_bytes(), b"\0"]);
-        replies.push(Reply::Swallow, Ends::Tag(b'3'));
+    let victim = match server.unsure.iter().next().copied() {
+        Some(k) => {
+            server.unsure.remove(&k);
+            Some(k)
+        }
+        None => server.oldest().inspect(|k| {
+            server.entries.remove(k);
+        }),
+    };
+    if let Some(k) = victim {
+        close(&k, out, replies);
     }
 }
 
@@ -440,7 +561,13 @@ pub fn rewrite(
     stmts: &mut ClientStatements,
     server: &mut ServerStatements,
     replies: &mut Replies,
+    status: u8,
 ) -> Result<Step, FrameError> {
+    if replies.skip_to_sync(h.tag) {
+        // Ignored by the server: passed as they are, so nothing of them takes effect here
+        // either (a skipped Parse leaves no statement, as on the server).
+        return Ok(Step::Done { pass: h.wire_len });
+    }
     match h.tag {
         b'P' | b'B' | b'D' | b'C' | b'E' | b'S' | b'F' | b'Q' | b'c' | b'f' => {}
         // Flush, CopyData: no reply of their own.
@@ -453,6 +580,8 @@ pub fn rewrite(
             let mut body = &msg[5..];
             let name = take_cstr(&mut body).map_err(|_| malformed("bad Parse message"))?;
             if name.is_empty() {
+                let query = body.split(|&b| b == 0).next().unwrap_or_default();
+                stmts.unnamed_drops = drops_statements(query);
                 out.extend_from_slice(&msg);
                 replies.push(Reply::Forward, Ends::Tag(b'1'));
                 return Ok(Step::Done { pass: 0 });
@@ -462,22 +591,14 @@ pub fn rewrite(
             if server.has(&stmt.key) {
                 replies.push(Reply::Synthesize(b'1'), Ends::Tag(b'1'));
             } else {
-                evict_if_full(out, server, replies);
-                put_message(out, b'P', &[stmt.name.as_bytes(), b"\0", &stmt.body]);
-                server.insert(stmt.key);
-                replies.queue.push_back(Expect {
-                    reply: Reply::Forward,
-                    ends: Ends::Tag(b'1'),
-                    parsed: Some(stmt.key),
-                    clears: false,
-                });
+                prepare(&stmt, Reply::Forward, out, server, replies);
             }
             Ok(Step::Done { pass: 0 })
         }
         b'B' => {
             // Only the portal and statement names are needed; parameters stream through.
             let mut body = &input[5..];
-            let (Ok(_portal), Ok(stmt_name)) = (take_cstr(&mut body), take_cstr(&mut body)) else {
+            let (Ok(portal), Ok(stmt_name)) = (take_cstr(&mut body), take_cstr(&mut body)) else {
                 return if input.len() >= h.wire_len || input.len() > 5 + 2 * 64 + 1024 {
                     Err(malformed("bad Bind message"))
                 } else {
@@ -485,10 +606,21 @@ pub fn rewrite(
                 };
             };
             replies.push(Reply::Forward, Ends::Tag(b'2'));
-            let stmt = match stmts.by_name.get(stmt_name) {
-                Some(s) if !stmt_name.is_empty() => s.clone(),
+            let stmt = stmts
+                .by_name
+                .get(stmt_name)
+                .filter(|_| !stmt_name.is_empty())
+                .cloned();
+            let drops = stmt
+                .as_ref()
+                .map_or(stmt_name.is_empty() && stmts.unnamed_drops, |s| s.drops);
+            if drops || !stmts.dropping_portals.is_empty() {
+                stmts.bound(portal, drops);
+            }
+            let stmt = match stmt {
+                Some(s) => s,
                 // Unnamed or unknown: the server answers (an unknown name is its error).
-                _ => return Ok(Step::Done { pass: h.wire_len }),
+                None => return Ok(Step::Done { pass: h.wire_len }),
             };
             let prefix_len = input.len() - body.len();
             let portal_end = 5 + input[5..].iter().position(|&b| b == 0).expect("parsed") + 1;
@@ -542,6 +674,17 @@ pub fn rewrite(
             Ok(Step::Done { pass: 0 })
         }
         b'E' => {
+            if !stmts.dropping_portals.is_empty() {
+                if input.len() < h.wire_len {
+                    return Ok(Step::NeedMore);
+                }
+                let mut body = &input[5..h.wire_len];
+                let portal = take_cstr(&mut body).map_err(|_| malformed("bad Execute message"))?;
+                if stmts.dropping_portals.iter().any(|p| p == portal) {
+                    // What follows in the stream may need statements this drops.
+                    server.forget_all();
+                }
+            }
             replies.push(Reply::Forward, Ends::Execute);
             Ok(Step::Done { pass: h.wire_len })
         }
@@ -556,13 +699,29 @@ pub fn rewrite(
             Ok(Step::Done { pass: h.wire_len })
         }
         b'Q' => {
-            let clears = input.len() >= h.wire_len && may_drop_statements(&input[5..h.wire_len]);
-            replies.queue.push_back(Expect {
-                reply: Reply::Forward,
-                ends: Ends::Ready,
-                parsed: None,
-                clears,
-            });
+            if input.len() < h.wire_len {
+                if h.wire_len <= WHOLE_QUERY_LIMIT {
+                    return Ok(Step::NeedMore);
+                }
+                // Too long to hold back: assume the worst.
+                server.forget_all();
+            } else {
+                let query = &input[5..h.wire_len];
+                // A DEALLOCATE of the client's own statements, with nothing pending on the
+                // server (so its transaction status is known, and not failed): the router's
+                // business only, as server statements are shared.
+                if replies.queue.is_empty() && matches!(status, b'I' | b'T') {
+                    if let Some(done) = stmts.deallocate(query, status) {
+                        input.advance(h.wire_len);
+                        replies.push(Reply::Done(done), Ends::Ready);
+                        return Ok(Step::Done { pass: 0 });
+                    }
+                }
+                if drops_statements(query) {
+                    server.forget_all();
+                }
+            }
+            replies.push(Reply::Forward, Ends::Ready);
             Ok(Step::Done { pass: h.wire_len })
         }
         _ => unreachable!("filtered above"),
@@ -572,6 +731,9 @@ pub fn rewrite(
 /// Session mode: statements need no renaming, but the replies are tracked the same way, so
 /// the relay knows when the server is idle.
 pub fn track(h: Header, replies: &mut Replies) {
+    if replies.skip_to_sync(h.tag) {
+        return;
+    }
     match h.tag {
         b'P' => replies.push(Reply::Forward, Ends::Tag(b'1')),
         b'B' => replies.push(Reply::Forward, Ends::Tag(b'2')),
@@ -585,68 +747,11 @@ pub fn track(h: Header, replies: &mut Replies) {
     }
 }
 
-/// DISCARD ALL / DEALLOCATE drop server statements behind the router's back.
-fn may_drop_statements(query: &[u8]) -> bool {
-    memchr::memchr2_iter(b'd', b'D', query).any(|i| {
-        starts_with_ci(&query[i..], b"discard") || starts_with_ci(&query[i..], b"deallocate")
-    })
-}
-
-/// Whether `hay` starts with `word` (lowercase ASCII), ignoring ASCII case.
-pub(crate) fn starts_with_ci(hay: &[u8], word: &[u8]) -> bool {
-    hay.len() >= word.len() && hay[..word.len()].eq_ignore_ascii_case(word)
-}
-
-/// Whether `hay` contains `needle` (lowercase ASCII), ignoring ASCII case. No allocation,
-/// and the candidates come from a SIMD search for the needle's byte at `anchor` (pick one
-/// that is rare in SQL): this runs on query text in the hot path.
-pub(crate) fn contains_ci(hay: &[u8], needle: &[u8], anchor: usize) -> bool {
-    let Some(&a) = needle.get(anchor) else {
-        return needle.is_empty();
-    };
-    if hay.len() < needle.len() {
-        return false;
-    }
-    let candidates = &hay[anchor..=hay.len() - needle.len() + anchor];
-    memchr::memchr2_iter(a, a.to_ascii_uppercase(), candidates)
-        .any(|i| hay[i..i + needle.len()].eq_ignore_ascii_case(needle))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::sqltext::contains_ci;
     use super::*;
 
-    #[test]
-    fn contains_ci_agrees_with_a_plain_search_for_every_anchor() {
-        let naive = |hay: &[u8], needle: &[u8]| {
-            hay.to_ascii_lowercase()
-                .windows(needle.len())
-                .any(|w| w == needle)
-        };
-        let hays: [&[u8]; 7] = [
-            b"SELECT pg_advisory_lock(1)",
-            b"select PG_ADVISORY_LOCK(1)",
-            b"pg_advisory_lock(",
-            b"pg_advisory_lock",
-            b"x pg_advisory_lockpg_advisory_lock( y",
-            b"select abalance from pgbench_accounts where aid = 1",
-            b"",
-        ];
-        let needle = b"pg_advisory_lock(";
-        for hay in hays {
-            for anchor in 0..needle.len() {
-                assert_eq!(
-                    contains_ci(hay, needle, anchor),
-                    naive(hay, needle),
-                    "{:?} anchor {anchor}",
-                    String::from_utf8_lossy(hay)
-                );
-            }
-        }
-        assert!(may_drop_statements(b"select 1; DEALLOCATE ALL"));
-        assert!(may_drop_statements(b"Discard all"));
-        assert!(!may_drop_statements(b"select d, dd, disc from dealloc"));
-    }
     use crate::protocol::framing::peek_header;
 
     fn msg(tag: u8, parts: &[&[u8]]) -> BytesMut {
@@ -721,11 +826,22 @@ mod tests {
         sv: &mut ServerStatements,
         r: &mut Replies,
     ) -> (Vec<u8>, BytesMut) {
+        run_in(b'I', client, st, sv, r)
+    }
+
+    /// [`run`] with the server's transaction status `status`.
+    fn run_in(
+        status: u8,
+        client: &[BytesMut],
+        st: &mut ClientStatements,
+        sv: &mut ServerStatements,
+        r: &mut Replies,
+    ) -> (Vec<u8>, BytesMut) {
         let mut out = BytesMut::new();
         for m in client {
             let mut input = m.clone();
             let h = peek_header(&input).unwrap().unwrap();
-            match rewrite(h, &mut input, &mut out, st, sv, r).unwrap() {
+            match rewrite(h, &mut input, &mut out, st, sv, r, status).unwrap() {
                 Step::Done { pass } => out.extend_from_slice(&input.split_to(pass)),
                 Step::NeedMore => panic!("whole message given"),
             }
@@ -845,6 +961,160 @@ mod tests {
         r.on_server_t(b'C', &mut sv);
         r.on_server_t(b'Z', &mut sv);
         assert!(sv.is_empty());
+    }
+
+    #[test]
+    fn an_error_before_the_sync_arrives_skips_what_follows() {
+        // A pipeline that reaches the router in two pieces; the server fails in the first.
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        let execute = || msg(b'E', &[b"\0\0\0\0\0"]);
+        run(
+            &[parse("a", "select 1/0"), bind("a"), execute()],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        for tag in [b'1', b'2', b'E'] {
+            assert!(r.on_server_t(tag, &mut sv));
+        }
+        assert!(!r.is_empty(), "a ReadyForQuery is owed");
+        // The rest, up to the Sync, is ignored by the server: passed unchanged, no replies
+        // expected, no statement created.
+        let (tags, out) = run(
+            &[parse("c", "select 3"), bind("c"), execute(), msg(b'S', &[])],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"PBES");
+        assert!(contains_ci(&out, b"c\0select 3", 0), "not renamed");
+        assert_eq!(st.len(), 1, "only \"a\"");
+        assert_eq!(sv.len(), 1, "only \"a\"");
+        assert!(r.on_server_t(b'Z', &mut sv));
+        assert!(r.is_empty());
+        // And the next request is tracked as usual.
+        let (tags, _) = run(
+            &[bind("a"), execute(), msg(b'S', &[])],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"BES");
+        for tag in [b'2', b'C', b'Z'] {
+            assert!(r.on_server_t(tag, &mut sv));
+        }
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn statements_after_a_possible_drop_are_closed_before_parsing() {
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        let execute = || msg(b'E', &[b"\0\0\0\0\0"]);
+        run(
+            &[parse("s", "select 1"), msg(b'S', &[])],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        for tag in [b'1', b'Z'] {
+            r.on_server_t(tag, &mut sv);
+        }
+        assert_eq!(sv.len(), 1);
+        // DISCARD ALL through the extended protocol (an unnamed statement), which may fail:
+        // once executed, the router no longer knows whether "s" is on the server.
+        let (tags, _) = run(
+            &[parse("", "/* reset */ DISCARD ALL"), bind(""), execute()],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"PBE");
+        assert!(sv.is_empty());
+        // Using "s" again: Close (its reply dropped), Parse (dropped), Bind.
+        let (tags, _) = run(
+            &[bind("s"), execute(), msg(b'S', &[])],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"CPBES");
+        for (tag, to_client) in [
+            (b'1', true),
+            (b'2', true),
+            (b'C', true),
+            (b'3', false),
+            (b'1', false),
+            (b'2', true),
+            (b'C', true),
+            (b'Z', true),
+        ] {
+            assert_eq!(r.on_server_t(tag, &mut sv), to_client, "{}", tag as char);
+        }
+        assert!(r.is_empty());
+        assert_eq!(sv.len(), 1);
+        // A statement that merely mentions the words drops nothing.
+        run(
+            &[parse("", "select discarded from t"), bind(""), execute()],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(sv.len(), 1);
+    }
+
+    #[test]
+    fn deallocate_of_a_client_statement_is_answered_by_the_router() {
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        let query = |q: &str| msg(b'Q', &[q.as_bytes(), b"\0"]);
+        for name in ["_pg3_0", "_pg3_1", "S_1"] {
+            run(&[parse(name, name)], &mut st, &mut sv, &mut r);
+            r.on_server_t(b'1', &mut sv);
+        }
+        // Inside a transaction: no server round trip, the status is the server's.
+        let (tags, _) = run_in(
+            b'T',
+            &[query("DEALLOCATE _pg3_0")],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert!(tags.is_empty());
+        let mut to_client = BytesMut::new();
+        r.pump(&mut to_client);
+        assert_eq!(&to_client[..], b"C\0\0\0\x0fDEALLOCATE\0Z\0\0\0\x05T");
+        assert!(r.is_empty());
+        assert_eq!(st.len(), 2);
+        assert_eq!(sv.len(), 3, "server statements are shared");
+        // In a failed transaction Postgres refuses it: the server answers.
+        let (tags, _) = run_in(
+            b'E',
+            &[query("DEALLOCATE _pg3_1")],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"Q");
+        r.on_server_t(b'E', &mut sv);
+        r.on_server_t(b'Z', &mut sv);
+        // A name the client does not have ("S_1" unquoted is s_1): the server's error.
+        let (tags, _) = run_in(b'T', &[query("deallocate S_1")], &mut st, &mut sv, &mut r);
+        assert_eq!(tags, b"Q");
+        r.on_server_t(b'E', &mut sv);
+        r.on_server_t(b'Z', &mut sv);
+        assert_eq!(st.len(), 2);
+        // Between transactions, without a server.
+        let mut input = query("DEALLOCATE ALL");
+        let mut to_client = BytesMut::new();
+        let known = KnownStatements::default();
+        assert!(answer_without_server(&mut input, &mut st, &known, &mut to_client).unwrap());
+        assert_eq!(&to_client[..], b"C\0\0\0\x13DEALLOCATE ALL\0Z\0\0\0\x05I");
+        assert!(st.is_empty() && input.is_empty());
     }
 
     #[test]

@@ -522,6 +522,7 @@ impl<'a> Session<'a> {
                     &mut self.stmts,
                     &mut co.conn.prepared,
                     &mut self.replies,
+                    self.status,
                 )? {
                     Step::NeedMore => return Ok(()),
                     Step::Done { pass } => pass,
@@ -799,7 +800,7 @@ const TRACKED: &[&str] = &[
 /// pooling cannot give: they are refused with a clear error rather than silently breaking
 /// (a LISTEN that never hears, a lock held by whoever gets the connection next).
 fn session_only(query: &[u8]) -> Option<&'static str> {
-    use super::prepared::{contains_ci, starts_with_ci};
+    use super::sqltext::{contains_ci, starts_with_ci};
     let start = query
         .iter()
         .position(|b| !b.is_ascii_whitespace())
@@ -925,114 +926,28 @@ impl Carried {
     }
 }
 
-/// The statements of a simple-query string, split at the semicolons outside string
-/// literals, quoted identifiers, dollar quotes and comments; trimmed, empty ones dropped.
-fn split_statements(sql: &str) -> Vec<&str> {
-    let b = sql.as_bytes();
-    let (mut out, mut start, mut i) = (Vec::new(), 0, 0);
-    while i < b.len() {
-        match b[i] {
-            b'\'' => {
-                // E'...' strings take backslash escapes.
-                let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E');
-                i += 1;
-                while i < b.len() {
-                    if escapes && b[i] == b'\\' {
-                        i += 2;
-                        continue;
-                    }
-                    if b[i] == b'\'' {
-                        if b.get(i + 1) == Some(&b'\'') {
-                            i += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    i += 1;
-                }
-                i += 1;
-            }
-            b'"' => {
-                i += 1;
-                while i < b.len() && b[i] != b'"' {
-                    i += 1;
-                }
-                i += 1;
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0;
-                while i < b.len() {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
-            b'$' => {
-                // $tag$ ... $tag$ (the tag empty or an identifier); $1 is a parameter.
-                let tag_end = b[i + 1..]
-                    .iter()
-                    .position(|c| !(c.is_ascii_alphanumeric() || *c == b'_'))
-                    .map(|p| i + 1 + p);
-                match tag_end {
-                    Some(e) if b[e] == b'$' && !b.get(i + 1).is_some_and(u8::is_ascii_digit) => {
-                        let tag = &sql[i..=e];
-                        i = match sql[e + 1..].find(tag) {
-                            Some(p) => e + 1 + p + tag.len(),
-                            None => b.len(),
-                        };
-                    }
-                    _ => i += 1,
-                }
-            }
-            b';' => {
-                out.push(&sql[start..i]);
-                i += 1;
-                start = i;
-            }
-            _ => i += 1,
-        }
-    }
-    out.push(&sql[start.min(sql.len())..]);
-    out.into_iter()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
 /// The `PREPARE name ...` command among the statements of `text`, for the prepared
 /// statement `name` (as Postgres stores it: folded to lower case unless quoted).
 fn prepare_command<'t>(text: &'t str, name: &str) -> Option<&'t str> {
-    let mut found = split_statements(text).into_iter().filter(|stmt| {
-        let Some(rest) = stmt
-            .get(..8)
-            .filter(|p| p.eq_ignore_ascii_case("prepare "))
-            .map(|_| stmt[8..].trim_start())
-        else {
-            return false;
-        };
-        let written = if let Some(q) = rest.strip_prefix('"') {
-            q.split('"').next().map(str::to_owned)
-        } else {
-            rest.split(|c: char| c.is_whitespace() || c == '(')
-                .next()
-                .map(str::to_lowercase)
-        };
-        written.as_deref() == Some(name)
-    });
+    let mut found = super::sqltext::split_statements(text)
+        .into_iter()
+        .filter(|stmt| {
+            let Some(rest) = stmt
+                .get(..8)
+                .filter(|p| p.eq_ignore_ascii_case("prepare "))
+                .map(|_| stmt[8..].trim_start())
+            else {
+                return false;
+            };
+            let written = if let Some(q) = rest.strip_prefix('"') {
+                q.split('"').next().map(str::to_owned)
+            } else {
+                rest.split(|c: char| c.is_whitespace() || c == '(')
+                    .next()
+                    .map(str::to_lowercase)
+            };
+            written.as_deref() == Some(name)
+        });
     let first = found.next()?;
     // Prepared twice in one string (a DEALLOCATE between): which one stands is unclear.
     found.next().is_none().then_some(first)
@@ -1122,22 +1037,7 @@ pub fn pool_key_at(
 
 #[cfg(test)]
 mod tests {
-    use super::{session_only, split_statements, Carried};
-
-    #[test]
-    fn statements_split_outside_quotes_and_comments() {
-        assert_eq!(
-            split_statements(
-                "select ';'; select \"a;b\" from t /* ; /* ; */ ; */ ; select $$;$$, $f$ ; $f$, $1 ;select E'\\';' -- ;\n; ;"
-            ),
-            [
-                "select ';'",
-                "select \"a;b\" from t /* ; /* ; */ ; */",
-                "select $$;$$, $f$ ; $f$, $1",
-                "select E'\\';' -- ;",
-            ]
-        );
-    }
+    use super::{session_only, Carried};
 
     #[test]
     fn carried_session_state() {
