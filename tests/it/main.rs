@@ -7,6 +7,7 @@ mod support;
 mod admin;
 mod admin_jobs;
 mod binary;
+mod clients;
 mod config_reload;
 mod http;
 mod limits;
