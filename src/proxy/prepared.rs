@@ -17,7 +17,9 @@
 //!   the router's own replies are inserted exactly where the server's would have been.
 //!   After an ErrorResponse the server skips to Sync, and so does the queue.
 
-use super::sqltext::{deallocate, drops_statements, Deallocate};
+use super::sqltext::{
+    deallocate, drops_statements, drops_statements_exactly, mentions_dropping, Deallocate,
+};
 use crate::protocol::framing::{take_cstr, FrameError, Header};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -320,12 +322,20 @@ pub struct Replies {
     /// pipeline sent in pieces): the server ignores every message up to that Sync, so they
     /// expect no reply.
     skipping: bool,
+    /// The router wrote a ReadyForQuery of its own ([`Reply::Done`]): the relay may give the
+    /// server back without waiting for one from it.
+    ready_sent: bool,
 }
 
 impl Replies {
     /// Nothing is owed by the server (a server skipping to a Sync owes its ReadyForQuery).
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty() && !self.skipping
+    }
+
+    /// Whether the router answered a query with its own ReadyForQuery since the last call.
+    pub fn take_ready_sent(&mut self) -> bool {
+        std::mem::take(&mut self.ready_sent)
     }
 
     /// True if the client message `tag` arrives while the server skips to the next Sync:
@@ -365,7 +375,10 @@ impl Replies {
                     to_client.put_u8(tag);
                     to_client.put_i32(4);
                 }
-                (Reply::Done(done), _) => done.encode(to_client),
+                (Reply::Done(done), _) => {
+                    done.encode(to_client);
+                    self.ready_sent = true;
+                }
                 (_, Ends::CopyEnd) => {} // a COPY that never started
                 _ => return,
             }
@@ -707,18 +720,20 @@ pub fn rewrite(
                 server.forget_all();
             } else {
                 let query = &input[5..h.wire_len];
-                // A DEALLOCATE of the client's own statements, with nothing pending on the
-                // server (so its transaction status is known, and not failed): the router's
-                // business only, as server statements are shared.
-                if replies.queue.is_empty() && matches!(status, b'I' | b'T') {
-                    if let Some(done) = stmts.deallocate(query, status) {
-                        input.advance(h.wire_len);
-                        replies.push(Reply::Done(done), Ends::Ready);
-                        return Ok(Step::Done { pass: 0 });
+                if mentions_dropping(query) {
+                    // A DEALLOCATE of the client's own statements, with nothing pending on
+                    // the server (so its transaction status is known, and not failed): the
+                    // router's business only, as server statements are shared.
+                    if replies.queue.is_empty() && matches!(status, b'I' | b'T') {
+                        if let Some(done) = stmts.deallocate(query, status) {
+                            input.advance(h.wire_len);
+                            replies.push(Reply::Done(done), Ends::Ready);
+                            return Ok(Step::Done { pass: 0 });
+                        }
                     }
-                }
-                if drops_statements(query) {
-                    server.forget_all();
+                    if drops_statements_exactly(query) {
+                        server.forget_all();
+                    }
                 }
             }
             replies.push(Reply::Forward, Ends::Ready);
@@ -1108,6 +1123,20 @@ mod tests {
         r.on_server_t(b'E', &mut sv);
         r.on_server_t(b'Z', &mut sv);
         assert_eq!(st.len(), 2);
+        // Just after a checkout (nothing pending): answered, and the server may go back.
+        let (tags, _) = run_in(
+            b'I',
+            &[query("DEALLOCATE _pg3_1")],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert!(tags.is_empty());
+        let mut to_client = BytesMut::new();
+        r.pump(&mut to_client);
+        assert_eq!(&to_client[..], b"C\0\0\0\x0fDEALLOCATE\0Z\0\0\0\x05I");
+        assert!(r.is_empty() && r.take_ready_sent());
+        assert!(!r.take_ready_sent());
         // Between transactions, without a server.
         let mut input = query("DEALLOCATE ALL");
         let mut to_client = BytesMut::new();

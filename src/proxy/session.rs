@@ -574,7 +574,10 @@ impl<'a> Session<'a> {
             }
             let at = *fwd;
             let Some(h) = framing::peek_header(&self.sin[at..])? else {
-                return Ok(false);
+                // A query the router answered itself (DEALLOCATE) may leave the server clean
+                // with no ReadyForQuery of its own to come.
+                let answered = self.replies.take_ready_sent();
+                return Ok(answered && self.mode() == PoolMode::Transaction && self.server_clean());
             };
             // Both modes track replies (session mode to know when the server is idle).
             let whole = self.replies.needs_whole(h.tag) || matches!(h.tag, b'Z' | b'S' | b'E');

@@ -150,13 +150,24 @@ fn keyword(stmt: &str, word: &str) -> bool {
             .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
 }
 
+/// Whether the word `DISCARD` or `DEALLOCATE` occurs anywhere in `query` (any case): one
+/// SIMD pass over its d's. Nearly always false, and then nothing more is read: this runs for
+/// every query.
+#[inline]
+pub(crate) fn mentions_dropping(query: &[u8]) -> bool {
+    memchr::memchr2_iter(b'd', b'D', query).any(|i| {
+        starts_with_ci(&query[i..], b"discard") || starts_with_ci(&query[i..], b"deallocate")
+    })
+}
+
 /// Whether running `query` may drop prepared statements of the session (`DISCARD`,
-/// `DEALLOCATE`). Cheap when the words do not occur (a SIMD search), which is nearly always:
-/// this runs for every simple query.
+/// `DEALLOCATE`).
 pub(crate) fn drops_statements(query: &[u8]) -> bool {
-    if !contains_ci(query, b"discard", 4) && !contains_ci(query, b"deallocate", 3) {
-        return false;
-    }
+    mentions_dropping(query) && drops_statements_exactly(query)
+}
+
+/// [`drops_statements`] once [`mentions_dropping`] said yes.
+pub(crate) fn drops_statements_exactly(query: &[u8]) -> bool {
     let Ok(sql) = std::str::from_utf8(query) else {
         return true;
     };
@@ -175,9 +186,13 @@ pub(crate) enum Deallocate {
 }
 
 /// `query` when it is exactly one `DEALLOCATE [PREPARE] name | ALL` (and a terminating NUL
-/// or semicolons are allowed).
+/// or semicolons are allowed). A query that starts with anything but `d`, a comment or
+/// whitespace is turned down at its first byte.
 pub(crate) fn deallocate(query: &[u8]) -> Option<Deallocate> {
-    if !contains_ci(query, b"deallocate", 3) {
+    if !matches!(
+        query.first(),
+        Some(b'd' | b'D' | b'/' | b'-') | Some(b' ' | b'\t' | b'\n' | b'\r')
+    ) {
         return None;
     }
     let sql = std::str::from_utf8(query).ok()?.trim_end_matches('\0');
