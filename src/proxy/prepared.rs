@@ -119,8 +119,8 @@ pub struct ServerStatements {
     entries: HashMap<Key, u64>,
     /// Statements the server may or may not hold: it held them when a command that can drop
     /// statements ran (DISCARD ALL, DEALLOCATE, which may also have failed), or a Parse of
-    /// them was skipped or failed after a Close. Preparing one again is preceded by a Close
-    /// (closing a statement that does not exist is not an error).
+    /// them failed or was skipped. Preparing one again is preceded by a Close (closing a
+    /// statement that does not exist is not an error).
     unsure: HashSet<Key>,
     tick: u64,
 }
@@ -201,8 +201,8 @@ impl KnownStatements {
 }
 
 /// Between transactions (no server held, so the client is outside any transaction):
-/// answers Parse of statements the pool knows, Close of named statements, Sync and Flush
-/// without a server. Stops at the
+/// answers Parse of statements the pool knows, Close of named statements, `DEALLOCATE` of
+/// the client's statements, Sync and Flush without a server. Stops at the
 /// first message that needs one. Returns whether anything was answered.
 pub fn answer_without_server(
     input: &mut BytesMut,
