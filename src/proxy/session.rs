@@ -486,6 +486,17 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// The client message at the head of `cin` must be read whole before any of it goes to
+    /// the server (a Parse is renamed by a hash of all of it), and is not yet: reading on is
+    /// the only way forward, however long it is (up to the protocol's 1 GiB, as Postgres).
+    fn waits_for_whole_message(&self) -> bool {
+        self.cscan.remaining == 0
+            && framing::peek_header(&self.cin)
+                .ok()
+                .flatten()
+                .is_some_and(|h| self.cin.len() < h.wire_len)
+    }
+
     /// Client → server: moves whole or partial messages from `cin` to `cout`, counting
     /// requests, dropping Terminate, and in transaction mode renaming prepared statements.
     fn scan_client(&mut self, co: &mut Checkout) -> Result<(), FrameError> {
@@ -686,8 +697,9 @@ impl<'a> Session<'a> {
             if self.write_client_now().is_err() {
                 break Attached::ClientGone;
             }
-            let read_client =
-                !self.terminate && self.cout.len() < HIGH_WATER && self.cin.len() < HIGH_WATER;
+            let read_client = !self.terminate
+                && self.cout.len() < HIGH_WATER
+                && (self.cin.len() < HIGH_WATER || self.waits_for_whole_message());
             let read_server = self.sout.len() < HIGH_WATER;
             let idle_point = self.server_clean() && self.sout.is_empty();
             if idle_point {

@@ -491,6 +491,43 @@ async fn pool_exhaustion_is_a_53300_not_a_hang() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// A Parse (or simple query) is read whole before it goes on in transaction mode; one far
+/// longer than the relay's buffer bound must still get through, not stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_longer_than_the_relay_buffer() {
+    let f = TestFleet::start(Options {
+        pods: 1,
+        mode: PoolMode::Transaction,
+        pool_size: 2,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("acme", 0).await;
+    let c = f.connect("acme").await;
+    for n in [100_000usize, 1_000_000] {
+        let literal = "x".repeat(n);
+        let sql = format!("select $1::int + length('{literal}')");
+        let st = tokio::time::timeout(Duration::from_secs(30), c.prepare(&sql))
+            .await
+            .unwrap_or_else(|_| panic!("a {n}-byte Parse stalled"))
+            .unwrap();
+        let v: i32 = c.query_one(&st, &[&1i32]).await.unwrap().get(0);
+        assert_eq!(v, n as i32 + 1);
+        let rows = tokio::time::timeout(
+            Duration::from_secs(30),
+            c.simple_query(&format!("select length('{literal}')")),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("a {n}-byte simple query stalled"))
+        .unwrap();
+        let got = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(got, Some(n.to_string()));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_and_errors_in_a_pipeline() {
     let f = TestFleet::start(Options {
