@@ -1,6 +1,6 @@
 //! Reading SQL text the router must understand without parsing SQL: which statements a
-//! query string holds, and the few commands the router acts on (statement-dropping
-//! `DISCARD` / `DEALLOCATE`, session-only features). Quotes, dollar quotes and comments are
+//! query string holds, a case-blind search for words, and the statement-dropping commands
+//! (`DISCARD`, `DEALLOCATE`) the router must notice. Quotes, dollar quotes and comments are
 //! respected; everything here errs on the side the router can recover from.
 
 /// Whether `hay` starts with `word` (lowercase ASCII), ignoring ASCII case.
@@ -236,7 +236,8 @@ pub(crate) fn deallocate(query: &[u8]) -> Option<Deallocate> {
         let name = if word.eq_ignore_ascii_case("all") {
             Deallocate::All
         } else {
-            Deallocate::Name(word.to_lowercase())
+            // Postgres folds unquoted identifiers' ASCII letters only.
+            Deallocate::Name(word.to_ascii_lowercase())
         };
         (name, &rest[len..])
     };
