@@ -62,23 +62,7 @@ pub(crate) fn split_statements(sql: &str) -> Vec<&str> {
                     i += 1;
                 }
             }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let mut depth = 0;
-                while i < b.len() {
-                    if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
+            b'/' if b.get(i + 1) == Some(&b'*') => i = block_comment_end(b, i),
             b'$' => {
                 // $tag$ ... $tag$ (the tag empty or an identifier); $1 is a parameter.
                 let tag_end = b[i + 1..]
@@ -111,6 +95,27 @@ pub(crate) fn split_statements(sql: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The end of the `/* ... */` comment (they nest) that starts at `start`: the index after
+/// it, or the end of `b` if it is not closed.
+fn block_comment_end(b: &[u8], start: usize) -> usize {
+    let (mut depth, mut i) = (0, start);
+    while i < b.len() {
+        if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
+            depth += 1;
+            i += 2;
+        } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    b.len()
+}
+
 /// `sql` without leading whitespace and comments.
 fn skip_blank(mut sql: &str) -> &str {
     loop {
@@ -118,23 +123,7 @@ fn skip_blank(mut sql: &str) -> &str {
         if let Some(rest) = sql.strip_prefix("--") {
             sql = rest.split_once('\n').map_or("", |(_, r)| r);
         } else if sql.starts_with("/*") {
-            let b = sql.as_bytes();
-            let (mut depth, mut i) = (0, 0);
-            while i < b.len() {
-                if b[i] == b'/' && b.get(i + 1) == Some(&b'*') {
-                    depth += 1;
-                    i += 2;
-                } else if b[i] == b'*' && b.get(i + 1) == Some(&b'/') {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            sql = &sql[i.min(sql.len())..];
+            sql = &sql[block_comment_end(sql.as_bytes(), 0)..];
         } else {
             return sql;
         }

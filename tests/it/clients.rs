@@ -71,33 +71,28 @@ fn python() -> &'static str {
     }
 }
 
+/// Runs `tests/clients/SCRIPT URL CLIENTS` with `program` against a fresh fleet.
+async fn run_script(program: &str, script: &str, setup_hint: &str) {
+    let f = fleet().await;
+    let script = clients_dir().join(script);
+    let args = [
+        script.to_str().unwrap(),
+        &f.app_url("acme"),
+        &CLIENTS.to_string(),
+    ];
+    run_client(program, &args, setup_hint).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg3() {
-    let f = fleet().await;
-    let script = clients_dir().join("psycopg3.py");
-    run_client(
-        python(),
-        &[
-            script.to_str().unwrap(),
-            &f.app_url("acme"),
-            &CLIENTS.to_string(),
-        ],
-        "apt-get install python3-psycopg",
-    )
-    .await;
+    run_script(python(), "psycopg3.py", "apt-get install python3-psycopg").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asyncpg() {
-    let f = fleet().await;
-    let script = clients_dir().join("asyncpg_client.py");
-    run_client(
+    run_script(
         python(),
-        &[
-            script.to_str().unwrap(),
-            &f.app_url("acme"),
-            &CLIENTS.to_string(),
-        ],
+        "asyncpg_client.py",
         "apt-get install python3-asyncpg",
     )
     .await;
@@ -105,18 +100,8 @@ async fn asyncpg() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres() {
-    let f = fleet().await;
-    let script = clients_dir().join("node/pg_client.js");
-    run_client(
-        "node",
-        &[
-            script.to_str().unwrap(),
-            &f.app_url("acme"),
-            &CLIENTS.to_string(),
-        ],
-        "apt-get install nodejs npm && npm ci --prefix tests/clients/node",
-    )
-    .await;
+    let hint = "apt-get install nodejs npm && npm ci --prefix tests/clients/node";
+    run_script("node", "node/pg_client.js", hint).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
