@@ -11,15 +11,16 @@
 //! * Rewriting client → server: Parse is renamed (or answered by the router when the server
 //!   already holds the statement); Bind and Describe are renamed, with a Parse injected first
 //!   when the statement is missing on this server; Close of a statement is answered by the
-//!   router (server statements are shared).
+//!   router (server statements are shared). A `DEALLOCATE name` of the client's own
+//!   statement is answered by the router when it comes as a simple query with nothing
+//!   pending; as a prepared statement (psycopg 3 evicts from its cache so) or inside a
+//!   pipeline, it is rewritten to drop a placeholder statement instead (see [`Effect`]).
 //! * Server → client: an ordered queue of expected replies ([`Replies`]) tells the relay
 //!   which reply belongs to which message, so replies to injected messages are dropped and
 //!   the router's own replies are inserted exactly where the server's would have been.
 //!   After an ErrorResponse the server skips to Sync, and so does the queue.
 
-use super::sqltext::{
-    deallocate, drops_statements, drops_statements_exactly, mentions_dropping, Deallocate,
-};
+use super::sqltext::{deallocate, drops_statements_exactly, mentions_dropping, Deallocate};
 use crate::protocol::framing::{take_cstr, FrameError, Header};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
@@ -38,28 +39,84 @@ const WHOLE_QUERY_LIMIT: usize = 64 * 1024;
 
 type Key = [u8; 16];
 
+/// The statement a client's `DEALLOCATE name` of its own statement drops instead, when the
+/// router cannot answer it alone: see [`Effect::Deallocates`].
+const PLACEHOLDER: &str = "pr_dealloc";
+const PLACEHOLDER_DEALLOCATE: &[u8] = b"DEALLOCATE pr_dealloc";
+
+/// What running a statement does to prepared statements, when anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Effect {
+    /// It may drop statements the server holds: DISCARD ALL, DEALLOCATE ALL, DEALLOCATE of a
+    /// name the client did not prepare through the protocol (a SQL PREPARE of its own).
+    Drops,
+    /// `DEALLOCATE name` of the client's own statement `name`. The server knows that statement
+    /// as `pr_...`, shared with other clients, so the text sent becomes
+    /// `DEALLOCATE pr_dealloc`, and the router prepares that placeholder right before each
+    /// Execute. The server then answers every message of it as it would have answered the
+    /// client's (an aborted transaction fails it alike), and the client's name is forgotten
+    /// when the Execute succeeds.
+    Deallocates(String),
+}
+
+/// The effect of running `query` for a client whose statements are `client`. Nearly always
+/// `None`, decided by one pass over the query's d's.
+fn effect_of(query: &[u8], client: &ClientStatements) -> Option<Effect> {
+    if !mentions_dropping(query) {
+        return None;
+    }
+    if let Some(Deallocate::Name(name)) = deallocate(query) {
+        if client.by_name.contains_key(&name) {
+            return Some(Effect::Deallocates(name));
+        }
+    }
+    drops_statements_exactly(query).then_some(Effect::Drops)
+}
+
+/// The query text of a Parse body (after the statement name).
+fn query_of(body: &[u8]) -> &[u8] {
+    body.split(|&b| b == 0).next().unwrap_or_default()
+}
+
+/// A Parse body (after the statement name) with its query replaced by the placeholder's
+/// DEALLOCATE; the parameter types stay.
+fn with_placeholder_deallocate(body: &[u8]) -> Bytes {
+    let nul = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+    let mut b = BytesMut::with_capacity(PLACEHOLDER_DEALLOCATE.len() + body.len() - nul);
+    b.put_slice(PLACEHOLDER_DEALLOCATE);
+    b.put_slice(&body[nul..]);
+    b.freeze()
+}
+
 /// One statement as a client prepared it.
 #[derive(Debug)]
 pub struct Statement {
     key: Key,
     /// The server-side name, `pr_<32 hex>`.
     name: String,
-    /// The Parse body after the statement name: query, parameter count and types.
+    /// The Parse body after the statement name, as the server gets it: query, parameter
+    /// count and types.
     body: Bytes,
-    /// Running it may drop the session's prepared statements (DISCARD, DEALLOCATE).
-    drops: bool,
+    /// What running it does to prepared statements (nearly always nothing).
+    effect: Option<Effect>,
 }
 
 impl Statement {
-    fn new(body: Bytes) -> Statement {
+    /// The statement that the Parse body `body` (after the name) of a client with statements
+    /// `client` prepares.
+    fn new(body: Bytes, client: &ClientStatements) -> Statement {
+        let effect = effect_of(query_of(&body), client);
+        let body = match effect {
+            Some(Effect::Deallocates(_)) => with_placeholder_deallocate(&body),
+            _ => body,
+        };
         let digest = Sha256::digest(&body);
         let key: Key = digest[..16].try_into().expect("16 bytes");
         let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        let query = body.split(|&b| b == 0).next().unwrap_or_default();
         Statement {
             key,
             name: format!("pr_{hex}"),
-            drops: drops_statements(query),
+            effect,
             body,
         }
     }
@@ -69,11 +126,11 @@ impl Statement {
 #[derive(Default)]
 pub struct ClientStatements {
     by_name: HashMap<String, Arc<Statement>>,
-    /// The client's unnamed statement may drop prepared statements when run.
-    unnamed_drops: bool,
-    /// Portals bound to a statement that may drop prepared statements: executing one makes
-    /// the router unsure what the server still holds. Nearly always empty.
-    dropping_portals: Vec<String>,
+    /// What running the client's unnamed statement does to prepared statements.
+    unnamed_effect: Option<Effect>,
+    /// Portals bound to a statement with an [`Effect`], which executing them has. Nearly
+    /// always empty.
+    effect_portals: Vec<(String, Effect)>,
 }
 
 impl ClientStatements {
@@ -85,14 +142,26 @@ impl ClientStatements {
         self.by_name.is_empty()
     }
 
-    /// `portal` was bound; `drops` if to a statement that may drop prepared statements.
-    fn bound(&mut self, portal: &str, drops: bool) {
-        self.dropping_portals.retain(|p| p != portal);
-        if drops {
-            if self.dropping_portals.len() >= 16 {
-                self.dropping_portals.remove(0);
+    /// `portal` was bound, to a statement with `effect`.
+    fn bound(&mut self, portal: &str, effect: Option<Effect>) {
+        self.effect_portals.retain(|(p, _)| p != portal);
+        if let Some(effect) = effect {
+            if self.effect_portals.len() >= 16 {
+                self.effect_portals.remove(0);
             }
-            self.dropping_portals.push(portal.to_owned());
+            self.effect_portals.push((portal.to_owned(), effect));
+        }
+    }
+
+    /// The server ran the client's DEALLOCATE of `name`, which was `stmt` then: forgotten,
+    /// unless the client has since prepared another statement under that name.
+    fn deallocated(&mut self, (name, stmt): (String, Arc<Statement>)) {
+        if self
+            .by_name
+            .get(&name)
+            .is_some_and(|s| Arc::ptr_eq(s, &stmt))
+        {
+            self.by_name.remove(&name);
         }
     }
 
@@ -222,7 +291,7 @@ pub fn answer_without_server(
                 if name.is_empty() {
                     break;
                 }
-                let stmt = Statement::new(Bytes::copy_from_slice(body));
+                let stmt = Statement::new(Bytes::copy_from_slice(body), stmts);
                 if !known.contains(&stmt.key) {
                     break;
                 }
@@ -307,8 +376,19 @@ enum Ends {
 struct Expect {
     reply: Reply,
     ends: Ends,
-    /// For a Parse: the statement it creates, forgotten again if the Parse fails.
-    parsed: Option<Key>,
+    learn: Learn,
+}
+
+/// What the router learns from how a request ends.
+#[derive(Debug)]
+enum Learn {
+    Nothing,
+    /// A Parse of this server statement: the server holds it if the Parse succeeds, and may
+    /// or may not if it fails or is skipped.
+    Parsed(Key),
+    /// The Execute of a client's `DEALLOCATE name` ([`Effect::Deallocates`]): the client's
+    /// statement (this one, not one it prepared under the name since) is gone if it succeeds.
+    Deallocated(Box<(String, Arc<Statement>)>),
 }
 
 /// The ordered replies the router still expects from the server.
@@ -355,7 +435,7 @@ impl Replies {
         self.queue.push_back(Expect {
             reply,
             ends,
-            parsed: None,
+            learn: Learn::Nothing,
         });
     }
 
@@ -422,12 +502,14 @@ impl Replies {
     }
 
     /// Accounts for one server message; returns whether it goes to the client. Statements
-    /// that parse successfully are added to `known`.
+    /// that parse successfully are added to `known`; a client statement its DEALLOCATE drops
+    /// is removed from `client`.
     pub fn on_server(
         &mut self,
         tag: u8,
         server: &mut ServerStatements,
         known: &KnownStatements,
+        client: &mut ClientStatements,
     ) -> bool {
         let Some(head) = self.queue.front() else {
             return true; // asynchronous messages outside any request
@@ -453,7 +535,7 @@ impl Replies {
                         break;
                     }
                     let e = self.queue.pop_front().expect("front exists");
-                    if let Some(k) = e.parsed {
+                    if let Learn::Parsed(k) = e.learn {
                         server.failed(&k);
                     }
                 }
@@ -463,12 +545,26 @@ impl Replies {
             }
             (b'1' | b'2' | b'3', Ends::Tag(t)) if t == tag => {
                 let e = self.queue.pop_front().expect("front exists");
-                if let Some(k) = e.parsed {
+                if let Learn::Parsed(k) = e.learn {
                     known.insert(k);
                 }
                 e.reply != Reply::Swallow
             }
-            (b'T' | b'n', Ends::Describe) | (b'C' | b'I' | b's', Ends::Execute) => {
+            (b'C' | b'I' | b's', Ends::Execute) => {
+                let e = self.queue.pop_front().expect("front exists");
+                if let (b'C', Learn::Deallocated(d)) = (tag, e.learn) {
+                    client.deallocated(*d);
+                }
+                true
+            }
+            (b'C', Ends::Ready) if matches!(head.learn, Learn::Deallocated(_)) => {
+                let head = self.queue.front_mut().expect("front exists");
+                if let Learn::Deallocated(d) = std::mem::replace(&mut head.learn, Learn::Nothing) {
+                    client.deallocated(*d);
+                }
+                true
+            }
+            (b'T' | b'n', Ends::Describe) => {
                 self.queue.pop_front();
                 true
             }
@@ -534,7 +630,7 @@ fn prepare(
     replies.queue.push_back(Expect {
         reply,
         ends: Ends::Tag(b'1'),
-        parsed: Some(stmt.key),
+        learn: Learn::Parsed(stmt.key),
     });
 }
 
@@ -562,6 +658,26 @@ fn evict_if_full(out: &mut BytesMut, server: &mut ServerStatements, replies: &mu
     };
     if let Some(k) = victim {
         close(&k, out, replies);
+    }
+}
+
+/// Prepares the placeholder that a client's rewritten `DEALLOCATE name` (about to be sent)
+/// drops, afresh: one may be left over from a DEALLOCATE that did not get to run. The
+/// injected Parse of an empty query cannot fail, not even in a failed transaction, so it
+/// never makes the server skip what follows. Returns what the DEALLOCATE's success teaches.
+fn deallocating(
+    name: &str,
+    stmts: &ClientStatements,
+    out: &mut BytesMut,
+    replies: &mut Replies,
+) -> Learn {
+    put_message(out, b'C', &[b"S", PLACEHOLDER.as_bytes(), b"\0"]);
+    replies.push(Reply::Swallow, Ends::Tag(b'3'));
+    put_message(out, b'P', &[PLACEHOLDER.as_bytes(), b"\0\0\0\0"]);
+    replies.push(Reply::Swallow, Ends::Tag(b'1'));
+    match stmts.by_name.get(name) {
+        Some(stmt) => Learn::Deallocated(Box::new((name.to_owned(), stmt.clone()))),
+        None => Learn::Nothing,
     }
 }
 
@@ -593,13 +709,17 @@ pub fn rewrite(
             let mut body = &msg[5..];
             let name = take_cstr(&mut body).map_err(|_| malformed("bad Parse message"))?;
             if name.is_empty() {
-                let query = body.split(|&b| b == 0).next().unwrap_or_default();
-                stmts.unnamed_drops = drops_statements(query);
-                out.extend_from_slice(&msg);
+                let effect = effect_of(query_of(body), stmts);
+                if let Some(Effect::Deallocates(_)) = effect {
+                    put_message(out, b'P', &[b"\0", &with_placeholder_deallocate(body)]);
+                } else {
+                    out.extend_from_slice(&msg);
+                }
+                stmts.unnamed_effect = effect;
                 replies.push(Reply::Forward, Ends::Tag(b'1'));
                 return Ok(Step::Done { pass: 0 });
             }
-            let stmt = Arc::new(Statement::new(msg.slice_ref(body)));
+            let stmt = Arc::new(Statement::new(msg.slice_ref(body), stmts));
             stmts.by_name.insert(name.to_owned(), stmt.clone());
             if server.has(&stmt.key) {
                 replies.push(Reply::Synthesize(b'1'), Ends::Tag(b'1'));
@@ -624,11 +744,14 @@ pub fn rewrite(
                 .get(stmt_name)
                 .filter(|_| !stmt_name.is_empty())
                 .cloned();
-            let drops = stmt
-                .as_ref()
-                .map_or(stmt_name.is_empty() && stmts.unnamed_drops, |s| s.drops);
-            if drops || !stmts.dropping_portals.is_empty() {
-                stmts.bound(portal, drops);
+            let effect = match &stmt {
+                Some(s) => s.effect.as_ref(),
+                None if stmt_name.is_empty() => stmts.unnamed_effect.as_ref(),
+                None => None,
+            };
+            if effect.is_some() || !stmts.effect_portals.is_empty() {
+                let effect = effect.cloned();
+                stmts.bound(portal, effect);
             }
             let stmt = match stmt {
                 Some(s) => s,
@@ -687,18 +810,27 @@ pub fn rewrite(
             Ok(Step::Done { pass: 0 })
         }
         b'E' => {
-            if !stmts.dropping_portals.is_empty() {
+            let mut learn = Learn::Nothing;
+            if !stmts.effect_portals.is_empty() {
                 if input.len() < h.wire_len {
                     return Ok(Step::NeedMore);
                 }
                 let mut body = &input[5..h.wire_len];
                 let portal = take_cstr(&mut body).map_err(|_| malformed("bad Execute message"))?;
-                if stmts.dropping_portals.iter().any(|p| p == portal) {
+                match stmts.effect_portals.iter().find(|(p, _)| p == portal) {
                     // What follows in the stream may need statements this drops.
-                    server.forget_all();
+                    Some((_, Effect::Drops)) => server.forget_all(),
+                    Some((_, Effect::Deallocates(name))) => {
+                        learn = deallocating(name, stmts, out, replies);
+                    }
+                    None => {}
                 }
             }
-            replies.push(Reply::Forward, Ends::Execute);
+            replies.queue.push_back(Expect {
+                reply: Reply::Forward,
+                ends: Ends::Execute,
+                learn,
+            });
             Ok(Step::Done { pass: h.wire_len })
         }
         b'S' | b'F' => {
@@ -731,8 +863,22 @@ pub fn rewrite(
                             return Ok(Step::Done { pass: 0 });
                         }
                     }
-                    if drops_statements_exactly(query) {
-                        server.forget_all();
+                    match effect_of(query, stmts) {
+                        Some(Effect::Drops) => server.forget_all(),
+                        Some(Effect::Deallocates(name)) => {
+                            // Behind other requests, or in a transaction that may have failed:
+                            // the server answers, dropping the placeholder instead.
+                            let learn = deallocating(&name, stmts, out, replies);
+                            put_message(out, b'Q', &[PLACEHOLDER_DEALLOCATE, b"\0"]);
+                            input.advance(h.wire_len);
+                            replies.queue.push_back(Expect {
+                                reply: Reply::Forward,
+                                ends: Ends::Ready,
+                                learn,
+                            });
+                            return Ok(Step::Done { pass: 0 });
+                        }
+                        None => {}
                     }
                 }
             }
@@ -785,7 +931,8 @@ mod tests {
 
     impl Replies {
         fn on_server_t(&mut self, tag: u8, sv: &mut ServerStatements) -> bool {
-            self.on_server(tag, sv, &KnownStatements::default())
+            let mut client = ClientStatements::default();
+            self.on_server(tag, sv, &KnownStatements::default(), &mut client)
         }
     }
 
@@ -796,7 +943,7 @@ mod tests {
         let mut sv = ServerStatements::default();
         let mut r = Replies::default();
         run(&[parse("a", "select 1")], &mut st, &mut sv, &mut r);
-        assert!(r.on_server(b'1', &mut sv, &known));
+        assert!(r.on_server(b'1', &mut sv, &known, &mut ClientStatements::default()));
         // Another client prepares the same query and syncs: answered locally, in order.
         let mut other = ClientStatements::default();
         let mut input = BytesMut::new();
@@ -1087,6 +1234,7 @@ mod tests {
         let mut sv = ServerStatements::default();
         let mut r = Replies::default();
         let query = |q: &str| msg(b'Q', &[q.as_bytes(), b"\0"]);
+        let known = KnownStatements::default();
         for name in ["_pg3_0", "_pg3_1", "S_1"] {
             run(&[parse(name, name)], &mut st, &mut sv, &mut r);
             r.on_server_t(b'1', &mut sv);
@@ -1106,17 +1254,40 @@ mod tests {
         assert!(r.is_empty());
         assert_eq!(st.len(), 2);
         assert_eq!(sv.len(), 3, "server statements are shared");
-        // In a failed transaction Postgres refuses it: the server answers.
-        let (tags, _) = run_in(
+        // In a failed transaction Postgres refuses it: the server answers, running it against
+        // the placeholder, and the client keeps its statement.
+        let (tags, out) = run_in(
             b'E',
             &[query("DEALLOCATE _pg3_1")],
             &mut st,
             &mut sv,
             &mut r,
         );
-        assert_eq!(tags, b"Q");
-        r.on_server_t(b'E', &mut sv);
-        r.on_server_t(b'Z', &mut sv);
+        assert_eq!(tags, b"CPQ");
+        assert!(out.ends_with(b"Q\0\0\0\x1aDEALLOCATE pr_dealloc\0"));
+        for (tag, to_client) in [(b'3', false), (b'1', false), (b'E', true), (b'Z', true)] {
+            assert_eq!(r.on_server(tag, &mut sv, &known, &mut st), to_client);
+        }
+        assert_eq!(st.len(), 2);
+        // Pipelined behind another query: the same, and it succeeds.
+        let (tags, _) = run_in(
+            b'T',
+            &[query("select 1"), query("DEALLOCATE _pg3_1")],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"QCPQ");
+        for tag in [b'T', b'D', b'C', b'Z', b'3', b'1', b'C', b'Z'] {
+            r.on_server(tag, &mut sv, &known, &mut st);
+        }
+        assert!(r.is_empty());
+        assert_eq!(st.len(), 1);
+        assert!(sv.unsure.is_empty());
+        // Prepared again: the server still holds it, the router answers.
+        run(&[parse("_pg3_1", "_pg3_1")], &mut st, &mut sv, &mut r);
+        r.pump(&mut BytesMut::new());
+        assert!(r.is_empty());
         // A name the client does not have ("S_1" unquoted is s_1): the server's error.
         let (tags, _) = run_in(b'T', &[query("deallocate S_1")], &mut st, &mut sv, &mut r);
         assert_eq!(tags, b"Q");
@@ -1140,10 +1311,111 @@ mod tests {
         // Between transactions, without a server.
         let mut input = query("DEALLOCATE ALL");
         let mut to_client = BytesMut::new();
-        let known = KnownStatements::default();
         assert!(answer_without_server(&mut input, &mut st, &known, &mut to_client).unwrap());
         assert_eq!(&to_client[..], b"C\0\0\0\x13DEALLOCATE ALL\0Z\0\0\0\x05I");
         assert!(st.is_empty() && input.is_empty());
+    }
+
+    #[test]
+    fn deallocate_as_a_prepared_statement_drops_a_placeholder() {
+        let mut st = ClientStatements::default();
+        let mut sv = ServerStatements::default();
+        let mut r = Replies::default();
+        let known = KnownStatements::default();
+        let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        for name in ["_pg3_0", "_pg3_1"] {
+            run(&[parse(name, name)], &mut st, &mut sv, &mut r);
+            r.on_server_t(b'1', &mut sv);
+        }
+        let execute = msg(b'E', &[b"\0\0\0\0\0"]);
+        let describe = msg(b'D', &[b"P", b"\0"]);
+        // psycopg 3 evicting from its cache (libpq's PQsendQueryParams), behind another query
+        // of the same pipeline.
+        let (tags, out) = run_in(
+            b'T',
+            &[
+                bind("_pg3_1"),
+                execute.clone(),
+                parse("", "DEALLOCATE _pg3_0"),
+                bind(""),
+                describe.clone(),
+                execute.clone(),
+                msg(b'S', &[]),
+            ],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"BEPBDCPES");
+        assert!(has(&out, b"DEALLOCATE pr_dealloc\0"));
+        assert!(
+            !has(&out, b"_pg3_0"),
+            "the server never sees the client's name"
+        );
+        assert!(has(&out, b"C\0\0\0\x10Spr_dealloc\0"));
+        assert!(has(&out, b"P\0\0\0\x12pr_dealloc\0\0\0\0"));
+        // The server's replies: the placeholder's go nowhere, the rest to the client, and the
+        // client's statement is gone once the DEALLOCATE succeeded.
+        for (tag, to_client) in [
+            (b'2', true),
+            (b'C', true),
+            (b'1', true),
+            (b'2', true),
+            (b'n', true),
+            (b'3', false),
+            (b'1', false),
+        ] {
+            assert_eq!(r.on_server(tag, &mut sv, &known, &mut st), to_client);
+        }
+        assert_eq!(st.len(), 2);
+        assert!(r.on_server(b'C', &mut sv, &known, &mut st));
+        assert!(r.on_server(b'Z', &mut sv, &known, &mut st));
+        assert!(r.is_empty());
+        assert_eq!(st.len(), 1);
+        assert_eq!(
+            sv.len(),
+            2,
+            "shared server statements stay, and the router is sure of them"
+        );
+        assert!(sv.unsure.is_empty());
+        // A named statement that deallocates, run when the transaction has failed: the server
+        // refuses it, and the client keeps its statement.
+        let (tags, out) = run_in(
+            b'E',
+            &[
+                parse("d", "deallocate _pg3_1"),
+                bind("d"),
+                execute.clone(),
+                msg(b'S', &[]),
+            ],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"PBCPES");
+        assert!(!has(&out, b"_pg3_1"));
+        for (tag, to_client) in [(b'E', true), (b'Z', true)] {
+            assert_eq!(r.on_server(tag, &mut sv, &known, &mut st), to_client);
+        }
+        assert!(r.is_empty());
+        assert!(st.by_name.contains_key("_pg3_1"));
+        // A DEALLOCATE of a name the client did not prepare through the protocol (its own SQL
+        // PREPARE, for the server to answer) goes as it is, and the router is then unsure
+        // what the server still holds.
+        let (tags, out) = run(
+            &[
+                parse("", "DEALLOCATE mine"),
+                bind(""),
+                execute,
+                msg(b'S', &[]),
+            ],
+            &mut st,
+            &mut sv,
+            &mut r,
+        );
+        assert_eq!(tags, b"PBES");
+        assert!(has(&out, b"DEALLOCATE mine"));
+        assert_eq!(sv.len(), 0);
     }
 
     #[test]

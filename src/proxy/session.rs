@@ -595,10 +595,12 @@ impl<'a> Session<'a> {
             if whole && rest < h.wire_len {
                 return Ok(false);
             }
-            if !self
-                .replies
-                .on_server(h.tag, &mut co.conn.prepared, &self.pool.known)
-            {
+            if !self.replies.on_server(
+                h.tag,
+                &mut co.conn.prepared,
+                &self.pool.known,
+                &mut self.stmts,
+            ) {
                 // The reply to a message the router injected.
                 forward(&mut self.sin, &mut self.sout, std::mem::take(fwd));
                 let _ = self.sin.split_to(h.wire_len);

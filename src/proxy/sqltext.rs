@@ -149,13 +149,8 @@ pub(crate) fn mentions_dropping(query: &[u8]) -> bool {
     })
 }
 
-/// Whether running `query` may drop prepared statements of the session (`DISCARD`,
-/// `DEALLOCATE`).
-pub(crate) fn drops_statements(query: &[u8]) -> bool {
-    mentions_dropping(query) && drops_statements_exactly(query)
-}
-
-/// [`drops_statements`] once [`mentions_dropping`] said yes.
+/// Whether running `query`, which [`mentions_dropping`], may drop prepared statements of the
+/// session: a statement of it starts with `DISCARD` or `DEALLOCATE`.
 pub(crate) fn drops_statements_exactly(query: &[u8]) -> bool {
     let Ok(sql) = std::str::from_utf8(query) else {
         return true;
@@ -283,6 +278,7 @@ mod tests {
 
     #[test]
     fn statement_dropping_commands() {
+        let drops_statements = |q: &[u8]| mentions_dropping(q) && drops_statements_exactly(q);
         for q in [
             "DISCARD ALL",
             "select 1; deallocate all",

@@ -23,8 +23,8 @@ def check(what, got, want):
 
 
 def client(i):
-    # prepared_max small: psycopg evicts statements (DEALLOCATE name) while the test runs,
-    # between transactions (autocommit) and inside them.
+    # prepared_max small: psycopg evicts statements (DEALLOCATE name, sent as a prepared
+    # query) while the test runs, between transactions (autocommit) and inside them.
     for autocommit in (True, False):
         with psycopg.connect(URL, prepare_threshold=2, autocommit=autocommit) as c:
             c.prepared_max = 3
@@ -32,9 +32,10 @@ def client(i):
                 k = 1 + (i * 7 + j) % 100
                 check("kv lookup", c.execute("select v from kv where k = %s", (k,)).fetchone(), (f"v{k}",))
                 check("sum", c.execute("select %s::int + %s::int", (i, j)).fetchone(), (i + j,))
-                # A rotating set of texts pushes statements out of psycopg's cache.
+                # A rotating set of texts, prepared at once, pushes statements out of psycopg's
+                # cache: one DEALLOCATE per round.
                 n = j % 5
-                check("rotating", c.execute(f"select %s::int * {n + 2}", (j,)).fetchone(), (j * (n + 2),))
+                check("rotating", c.execute(f"select %s::int * {n + 2}", (j,), prepare=True).fetchone(), (j * (n + 2),))
                 check("explicit", c.execute("select %s::text || '!'", (str(j),), prepare=True).fetchone(), (f"{j}!",))
                 if not autocommit and j % 4 == 3:
                     c.commit()
@@ -59,6 +60,24 @@ def client(i):
         with c.cursor() as cur:
             cur.executemany("insert into log (client, n) values (%s, %s)", [(i, n) for n in range(20)])
         check("executemany rows", c.execute("select count(*) from log where client = %s", (i,)).fetchone(), (20,))
+    # Evictions inside pipelines: the DEALLOCATEs travel with the queries, and some results
+    # are read before the pipeline ends.
+    for autocommit in (True, False):
+        with psycopg.connect(URL, autocommit=autocommit) as c:
+            c.prepared_max = 2
+            with c.pipeline():
+                curs = []
+                for j in range(12):
+                    cur = c.cursor()
+                    cur.execute(f"select %s::int + {j % 4}", (j,), prepare=True)
+                    curs.append((cur, j + j % 4))
+                    if j % 3 == 0:
+                        check("read inside a pipeline", cur.fetchone(), (j + j % 4,))
+            for cur, want in curs:
+                if cur.pgresult is not None and cur.rownumber == 0:
+                    check("read after a pipeline", cur.fetchone(), (want,))
+            check("after evicting pipeline", c.execute("select %s::int * 2", (21,), prepare=True).fetchone(), (42,))
+            c.commit()
     # Transactions (psycopg's default) and a server-side cursor inside one.
     with psycopg.connect(URL, prepare_threshold=0) as c:
         for j in range(10):
