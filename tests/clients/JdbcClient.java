@@ -1,8 +1,8 @@
 // PgJDBC through podrouter in transaction mode: more clients than server connections, each
 // using server-side prepared statements (prepareThreshold=1: named from the first run; PgJDBC
 // names them S_1, S_2, ... per connection), batches (many Bind/Execute before one Sync),
-// transactions with autocommit off, an error inside a transaction, and a ResultSet fetched
-// in chunks through a portal. Exits non-zero with a message on the first wrong result.
+// transactions with autocommit off, an error inside a transaction, a ResultSet fetched in
+// chunks through a portal, and a statement cache small enough to evict. Exits non-zero with a message on the first wrong result.
 //
 //     java -cp /usr/share/java/postgresql.jar tests/clients/JdbcClient.java HOST:PORT/DB USER PASSWORD [CLIENTS]
 import java.sql.*;
@@ -68,6 +68,20 @@ public class JdbcClient {
                     check("fetch size", got, want);
                 }
                 c.commit();
+            }
+        }
+        // A statement cache smaller than the statements in use: PgJDBC closes the server
+        // statements it evicts (Close messages sent with the next query).
+        Properties small = new Properties();
+        small.putAll(props);
+        small.setProperty("preparedStatementCacheQueries", "2");
+        try (Connection c = DriverManager.getConnection(url, small)) {
+            for (int j = 0; j < 40; j++) {
+                int n = j % 5;
+                try (PreparedStatement p = c.prepareStatement("select ?::int * " + (n + 2))) {
+                    p.setInt(1, j);
+                    try (ResultSet r = p.executeQuery()) { r.next(); check("evicting", r.getInt(1), j * (n + 2)); }
+                }
             }
         }
     }

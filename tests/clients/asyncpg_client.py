@@ -1,6 +1,6 @@
 """asyncpg through podrouter in transaction mode: more clients than server connections, with
-asyncpg's statement cache (every query with arguments is a named prepared statement),
-explicit prepared statements, executemany, transactions, a cursor, COPY, an error inside a
+asyncpg's statement cache (every query with arguments is a named prepared statement; a
+small cache evicts), explicit prepared statements, executemany, transactions, a cursor, COPY, an error inside a
 transaction, and asyncpg's own pool (whose connection reset runs UNLISTEN, advisory unlock
 and RESET ALL). Exits non-zero with a message on the first wrong result.
 
@@ -53,6 +53,17 @@ async def client(i):
         n = await c.copy_records_to_table("log", records=[(i, 100 + n) for n in range(50)], columns=["client", "n"])
         check("copy in", n, "COPY 50")
         check("after copy", await c.fetchval("select count(*) from log where client = $1", i), 70)
+    finally:
+        await c.close()
+    # A statement cache smaller than the statements in use: asyncpg closes the ones it
+    # evicts (Close messages), in and out of transactions.
+    c = await asyncpg.connect(URL, statement_cache_size=2)
+    try:
+        for j in range(ROUNDS):
+            n = j % 5
+            check("evicting", await c.fetchval(f"select $1::int * {n + 2}", j), j * (n + 2))
+            async with c.transaction():
+                check("evicting in transaction", await c.fetchval(f"select $1::int + {n}", j), j + n)
     finally:
         await c.close()
 
