@@ -165,20 +165,20 @@ impl ClientStatements {
         }
     }
 
-    /// Runs `query` if it is a DEALLOCATE of this client's statements (all of them, or one
-    /// it has), and says how to answer it.
+    /// Runs `query` if it is a DEALLOCATE of one statement this client has, and says how to
+    /// answer it. `DEALLOCATE ALL` is left to the server: it also drops what the client made
+    /// with SQL `PREPARE` in this transaction, which the router does not track.
     fn deallocate(&mut self, query: &[u8], status: u8) -> Option<Done> {
-        let tag = match deallocate(query)? {
-            Deallocate::All => {
-                self.by_name.clear();
-                "DEALLOCATE ALL"
-            }
+        match deallocate(query)? {
+            Deallocate::All => None,
             Deallocate::Name(name) => {
                 self.by_name.remove(&name)?;
-                "DEALLOCATE"
+                Some(Done {
+                    tag: "DEALLOCATE",
+                    status,
+                })
             }
-        };
-        Some(Done { tag, status })
+        }
     }
 }
 
@@ -1309,11 +1309,18 @@ mod tests {
         assert!(r.is_empty() && r.take_ready_sent());
         assert!(!r.take_ready_sent());
         // Between transactions, without a server.
-        let mut input = query("DEALLOCATE ALL");
+        let mut input = query("DEALLOCATE \"S_1\";");
         let mut to_client = BytesMut::new();
         assert!(answer_without_server(&mut input, &mut st, &known, &mut to_client).unwrap());
-        assert_eq!(&to_client[..], b"C\0\0\0\x13DEALLOCATE ALL\0Z\0\0\0\x05I");
-        assert!(st.is_empty() && input.is_empty());
+        assert_eq!(&to_client[..], b"C\0\0\0\x0fDEALLOCATE\0Z\0\0\0\x05I");
+        assert!(input.is_empty() && st.is_empty());
+        // DEALLOCATE ALL also drops what SQL PREPARE made on the server: the server runs it,
+        // and the router is then unsure of every server statement.
+        let mut input = query("DEALLOCATE ALL");
+        assert!(!answer_without_server(&mut input, &mut st, &known, &mut BytesMut::new()).unwrap());
+        let (tags, _) = run(&[input], &mut st, &mut sv, &mut r);
+        assert_eq!(tags, b"Q");
+        assert_eq!((sv.len(), sv.unsure.len()), (0, 3));
     }
 
     #[test]

@@ -491,6 +491,42 @@ async fn pool_exhaustion_is_a_53300_not_a_hang() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// SQL-level PREPARE in transaction mode holds within one transaction (README): what
+/// `DEALLOCATE ALL` drops there must really be gone from the server connection, which the
+/// next client of the pool gets; the client's protocol-level statements keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_and_deallocate_all_in_one_transaction() {
+    let f = TestFleet::start(Options {
+        pods: 1,
+        mode: PoolMode::Transaction,
+        pool_size: 1,
+        ..Default::default()
+    })
+    .await;
+    f.tenant("acme", 0).await;
+    let (a, b) = (f.connect("acme").await, f.connect("acme").await);
+    let plus = a.prepare("select $1::int + 1").await.unwrap();
+    let value = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+        rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+    };
+    for (who, c) in [("a", &a), ("b", &b)] {
+        c.simple_query("BEGIN; PREPARE q AS select 7")
+            .await
+            .unwrap();
+        let got = value(c.simple_query("EXECUTE q").await.unwrap());
+        assert_eq!(got.as_deref(), Some("7"), "{who}");
+        c.simple_query("DEALLOCATE ALL")
+            .await
+            .unwrap_or_else(|e| panic!("{who}: {e}"));
+        c.simple_query("COMMIT").await.unwrap();
+    }
+    let v: i32 = a.query_one(&plus, &[&1i32]).await.unwrap().get(0);
+    assert_eq!(v, 2, "a protocol-level statement after DEALLOCATE ALL");
+}
+
 /// A Parse (or simple query) is read whole before it goes on in transaction mode; one far
 /// longer than the relay's buffer bound must still get through, not stall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
