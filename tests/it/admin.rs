@@ -201,12 +201,11 @@ async fn admin_api_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_password_change_reaches_the_pods() {
-    let f = TestFleet::start(Options {
+    let f = TestFleet::acme(Options {
         pods: 1,
         ..Default::default()
     })
     .await;
-    f.tenant("acme", 0).await;
     f.connect("acme")
         .await
         .simple_query("select 1")

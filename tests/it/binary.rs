@@ -33,12 +33,11 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 
 /// A fleet whose router runs as the real binary (`podrouter serve`) instead of in-process.
 async fn serve_binary(mode: &str) -> (TestFleet, Serve, String) {
-    let mut f = TestFleet::start(Options {
+    let mut f = TestFleet::acme(Options {
         pods: 1,
         ..Default::default()
     })
     .await;
-    f.tenant("acme", 0).await;
     f.stop().await; // the in-process router made the tenant; the binary serves it
     let port = podrouter::localpg::free_port();
     let admin = podrouter::localpg::free_port();

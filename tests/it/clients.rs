@@ -21,15 +21,7 @@ fn clients_dir() -> PathBuf {
 
 /// One pod, transaction pooling with 2 server connections, one tenant.
 async fn fleet() -> TestFleet {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 2,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
-    f
+    TestFleet::acme(Options::one_pod(PoolMode::Transaction, 2)).await
 }
 
 /// Runs a client program to completion (bounded in time) and fails the test with its output

@@ -378,12 +378,11 @@ async fn poll(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_config_of_podrouter_serve() {
-    let mut f = TestFleet::start(Options {
+    let mut f = TestFleet::acme(Options {
         pods: 1,
         ..Default::default()
     })
     .await;
-    f.tenant("acme", 0).await;
     f.stop().await; // the binary serves the same catalog and pod
     let (port, admin) = (
         podrouter::localpg::free_port(),

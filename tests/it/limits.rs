@@ -141,14 +141,7 @@ async fn session_only_features_need_session_mode_per_tenant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_idle_server_connections_are_replaced_transparently() {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 1,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
+    let f = TestFleet::acme(Options::one_pod(PoolMode::Transaction, 1)).await;
     let c = f.connect("acme").await;
     // The simple protocol: an extended-protocol query would leave tokio-postgres closing its
     // statement in the background, which may still be using the server connection (not idle)

@@ -67,12 +67,11 @@ async fn placement_spreads_tenants_over_pods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_and_tenant_errors_look_like_postgres() {
-    let f = TestFleet::start(Options {
+    let f = TestFleet::acme(Options {
         pods: 1,
         ..Default::default()
     })
     .await;
-    f.tenant("acme", 0).await;
     f.fleet()
         .put_role("other", "other-pw", "test")
         .await
@@ -110,13 +109,7 @@ async fn auth_and_tenant_errors_look_like_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_the_running_query() {
     for mode in [PoolMode::Session, PoolMode::Transaction] {
-        let f = TestFleet::start(Options {
-            pods: 1,
-            mode,
-            ..Default::default()
-        })
-        .await;
-        f.tenant("acme", 0).await;
+        let f = TestFleet::acme(Options::one_pod(mode, 5)).await;
         let c = f.connect("acme").await;
         let token = c.cancel_token();
         let started = Instant::now();
@@ -134,12 +127,11 @@ async fn cancel_reaches_the_running_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copy_in_and_out() {
-    let f = TestFleet::start(Options {
+    let f = TestFleet::acme(Options {
         pods: 1,
         ..Default::default()
     })
     .await;
-    f.tenant("acme", 0).await;
     let c = f.connect("acme").await;
     c.batch_execute("create table items (id int, name text)")
         .await
@@ -297,12 +289,11 @@ fn error_code(reply: &[u8]) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_malformed_input_is_refused_cleanly() {
-    let f = TestFleet::start(Options {
+    let f = TestFleet::acme(Options {
         pods: 1,
         ..Default::default()
     })
     .await;
-    f.tenant("acme", 0).await;
     let addr = f.running().pg_addr;
     let check = |reply: Vec<u8>, want: &str, what: &str| {
         assert_eq!(
@@ -363,14 +354,7 @@ async fn garbage_and_malformed_input_is_refused_cleanly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_mode_shares_few_server_connections() {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 2,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
+    let f = TestFleet::acme(Options::one_pod(PoolMode::Transaction, 2)).await;
     let setup = f.connect("acme").await;
     setup
         .batch_execute("create table counter (n int); insert into counter values (0)")
@@ -422,14 +406,7 @@ async fn transaction_mode_shares_few_server_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_parameters_follow_the_client() {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 1,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
+    let f = TestFleet::acme(Options::one_pod(PoolMode::Transaction, 1)).await;
     let a = connect(&format!("{}?application_name=alpha", f.app_url("acme")))
         .await
         .unwrap();
@@ -496,14 +473,7 @@ async fn pool_exhaustion_is_a_53300_not_a_hang() {
 /// next client of the pool gets; the client's protocol-level statements keep working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_prepare_and_deallocate_all_in_one_transaction() {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 1,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
+    let f = TestFleet::acme(Options::one_pod(PoolMode::Transaction, 1)).await;
     let (a, b) = (f.connect("acme").await, f.connect("acme").await);
     let plus = a.prepare("select $1::int + 1").await.unwrap();
     let value = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
@@ -531,14 +501,7 @@ async fn sql_prepare_and_deallocate_all_in_one_transaction() {
 /// longer than the relay's buffer bound must still get through, not stall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn statements_longer_than_the_relay_buffer() {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 2,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
+    let f = TestFleet::acme(Options::one_pod(PoolMode::Transaction, 2)).await;
     let c = f.connect("acme").await;
     for n in [100_000usize, 1_000_000] {
         let literal = "x".repeat(n);
@@ -566,14 +529,7 @@ async fn statements_longer_than_the_relay_buffer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_protocol_and_errors_in_a_pipeline() {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 2,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
+    let f = TestFleet::acme(Options::one_pod(PoolMode::Transaction, 2)).await;
     let c = f.connect("acme").await;
     c.batch_execute("create table kv (k int primary key, v text)")
         .await
@@ -606,14 +562,7 @@ async fn extended_protocol_and_errors_in_a_pipeline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_work_across_shared_server_connections() {
-    let f = TestFleet::start(Options {
-        pods: 1,
-        mode: PoolMode::Transaction,
-        pool_size: 2,
-        ..Default::default()
-    })
-    .await;
-    f.tenant("acme", 0).await;
+    let f = TestFleet::acme(Options::one_pod(PoolMode::Transaction, 2)).await;
     let setup = f.connect("acme").await;
     setup.batch_execute("create table kv (k int primary key, v text); insert into kv select g, 'v' || g from generate_series(1, 100) g").await.unwrap();
     // Eight clients on two server connections, each with statements under the same names
@@ -673,14 +622,7 @@ async fn prepared_statements_work_across_shared_server_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_connection_is_reused_after_copy_and_errors() {
     for mode in [PoolMode::Session, PoolMode::Transaction] {
-        let f = TestFleet::start(Options {
-            pods: 1,
-            mode,
-            pool_size: 1,
-            ..Default::default()
-        })
-        .await;
-        f.tenant("acme", 0).await;
+        let f = TestFleet::acme(Options::one_pod(mode, 1)).await;
         let pid = |c: tokio_postgres::Client| async move {
             c.query_one("select pg_backend_pid()", &[])
                 .await

@@ -137,6 +137,18 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// One pod, with `mode` and `pool_size`; the rest as by default.
+    pub fn one_pod(mode: PoolMode, pool_size: u32) -> Options {
+        Options {
+            pods: 1,
+            mode,
+            pool_size,
+            ..Default::default()
+        }
+    }
+}
+
 pub struct TestFleet {
     pub pods: Vec<LocalCluster>,
     /// Each pod's replicas (`Options::replicas`), by pod index.
@@ -220,6 +232,13 @@ impl TestFleet {
             token,
             dir,
         }
+    }
+
+    /// [`TestFleet::start`], with tenant `acme` on pod 0: what most tests begin with.
+    pub async fn acme(opts: Options) -> TestFleet {
+        let f = TestFleet::start(opts).await;
+        f.tenant("acme", 0).await;
+        f
     }
 
     pub fn running(&self) -> &Running {
