@@ -20,7 +20,7 @@ use crate::protocol::framing::{self, FrameError};
 use crate::protocol::sqlstate;
 use crate::routing::pause::{GatePass, Held, PauseGate};
 use crate::routing::replica;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,6 +80,12 @@ pub struct Session<'a> {
     sscan: Scan,
     status: u8,
     terminate: bool,
+    /// Transaction mode between transactions: the router refused the client's batch at its
+    /// first Parse; what it sends up to its Sync is dropped, as a server drops what follows a
+    /// failed message.
+    skip_to_sync: bool,
+    /// Bytes of a client message being dropped that have not arrived yet.
+    skip_bytes: usize,
     mode: PoolMode,
     /// The replies still expected from the server, in order (both modes); in transaction
     /// mode also the client's named statements.
@@ -128,6 +134,8 @@ impl<'a> Session<'a> {
             sscan: Scan::default(),
             status: b'I',
             terminate: false,
+            skip_to_sync: false,
+            skip_bytes: 0,
             stmts: ClientStatements::default(),
             replies: Replies::default(),
             meter: Default::default(),
@@ -739,38 +747,102 @@ impl<'a> Session<'a> {
         (outcome, co)
     }
 
-    /// Transaction mode between transactions: no server held. Flushes what is owed to the
-    /// client and waits for the start of its next message.
-    async fn idle(&mut self, shutdown: &CancellationToken) -> Idle {
+    /// [`Session::idle`] with the input it has: answers what needs no server, refuses what
+    /// transaction pooling cannot do, and says whether to go to work or end; None: read on.
+    fn idle_step(&mut self) -> Option<Idle> {
         loop {
+            if self.skip_to_sync {
+                match self.skip_refused() {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(end) => return Some(end),
+                }
+            }
             if let Err(e) = prepared::answer_without_server(
                 &mut self.cin,
                 &mut self.stmts,
                 &self.pool.known,
                 &mut self.sout,
             ) {
-                return Idle::End(Some(violation(e)));
+                return Some(Idle::End(Some(violation(e))));
+            }
+            let h = match framing::peek_header(&self.cin) {
+                Err(e) => return Some(Idle::End(Some(violation(e)))),
+                Ok(None) => return None,
+                Ok(Some(h)) => h,
+            };
+            if !framing::is_frontend_tag(h.tag) || h.tag == b'p' {
+                return Some(Idle::End(Some(violation(FrameError::UnknownFrontendTag(
+                    h.tag,
+                )))));
+            }
+            if h.tag == b'X' {
+                return Some(Idle::End(None));
+            }
+            // The query that starts a transaction: a simple query, or the Parse that begins an
+            // extended-protocol batch (as psycopg sends a query with parameters, and JDBC and
+            // tokio-postgres send every query).
+            if !matches!(h.tag, b'Q' | b'P') || self.cin.len() < h.wire_len {
+                return Some(Idle::Work);
+            }
+            let body = &self.cin[5..h.wire_len];
+            let query = if h.tag == b'Q' {
+                Some(body)
+            } else {
+                parse_query(body)
+            };
+            let Some(feature) = query.and_then(session_only) else {
+                return Some(Idle::Work);
+            };
+            // Refused before any server is involved; the client stays usable.
+            session_only_error(feature, &self.route.name).encode(&mut self.sout);
+            if h.tag == b'Q' {
+                self.cin.advance(h.wire_len);
+                backend::ready_for_query(&mut self.sout, b'I');
+            } else {
+                // As a server that refused a Parse: nothing more until the client's Sync.
+                self.skip_to_sync = true;
+            }
+        }
+    }
+
+    /// Drops the client's messages up to its Sync, which is answered with ReadyForQuery:
+    /// Ok(true) once it was, Ok(false) while more is to come. A message is dropped as it
+    /// arrives, not held whole.
+    fn skip_refused(&mut self) -> Result<bool, Idle> {
+        loop {
+            if self.skip_bytes > 0 {
+                let n = self.skip_bytes.min(self.cin.len());
+                self.cin.advance(n);
+                self.skip_bytes -= n;
+                if self.skip_bytes > 0 {
+                    return Ok(false);
+                }
             }
             match framing::peek_header(&self.cin) {
-                Err(e) => return Idle::End(Some(violation(e))),
-                Ok(Some(h)) if !framing::is_frontend_tag(h.tag) || h.tag == b'p' => {
-                    return Idle::End(Some(violation(FrameError::UnknownFrontendTag(h.tag))))
-                }
-                Ok(Some(h)) if h.tag == b'X' => return Idle::End(None),
-                Ok(Some(h)) if h.tag == b'Q' && self.cin.len() >= h.wire_len => {
-                    match session_only(&self.cin[5..h.wire_len]) {
-                        Some(feature) => {
-                            // Refused before any server is involved; the client stays usable.
-                            let _ = self.cin.split_to(h.wire_len);
-                            session_only_error(feature, &self.route.name).encode(&mut self.sout);
-                            backend::ready_for_query(&mut self.sout, b'I');
-                            continue;
-                        }
-                        None => return Idle::Work,
+                Err(e) => return Err(Idle::End(Some(violation(e)))),
+                Ok(None) => return Ok(false),
+                Ok(Some(h)) if h.tag == b'X' => return Err(Idle::End(None)),
+                Ok(Some(h)) => {
+                    self.skip_bytes = h.wire_len;
+                    if h.tag == b'S' {
+                        self.cin.advance(h.wire_len);
+                        self.skip_bytes = 0;
+                        self.skip_to_sync = false;
+                        backend::ready_for_query(&mut self.sout, b'I');
+                        return Ok(true);
                     }
                 }
-                Ok(Some(_)) => return Idle::Work,
-                Ok(None) => {}
+            }
+        }
+    }
+
+    /// Transaction mode between transactions: no server held. Flushes what is owed to the
+    /// client and waits for the start of its next message.
+    async fn idle(&mut self, shutdown: &CancellationToken) -> Idle {
+        loop {
+            if let Some(end) = self.idle_step() {
+                return end;
             }
             // An idle client usually sends one small message next: keep its buffer small,
             // since thousands of idle clients each hold one.
@@ -839,6 +911,12 @@ fn session_only(query: &[u8]) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// The query text of a Parse message's body (after the tag and length).
+fn parse_query(body: &[u8]) -> Option<&[u8]> {
+    let rest = &body[memchr::memchr(0, body)? + 1..];
+    Some(&rest[..memchr::memchr(0, rest)?])
 }
 
 fn session_only_error(feature: &str, tenant: &str) -> RouterError {
@@ -1054,7 +1132,19 @@ pub fn pool_key_at(
 
 #[cfg(test)]
 mod tests {
-    use super::{session_only, Carried};
+    use super::{parse_query, session_only, Carried};
+
+    #[test]
+    fn the_query_of_a_parse() {
+        let q = |b: &[u8]| parse_query(b).map(|q| String::from_utf8(q.to_vec()).unwrap());
+        assert_eq!(q(b"s0\0LISTEN x\0\0\0").as_deref(), Some("LISTEN x"));
+        assert_eq!(
+            q(b"\0select $1\0\0\x01\0\0\0\x17").as_deref(),
+            Some("select $1")
+        );
+        assert_eq!(q(b"s0\0no end"), None);
+        assert_eq!(q(b"no name end"), None);
+    }
 
     #[test]
     fn carried_session_state() {

@@ -106,10 +106,46 @@ async fn session_only_features_need_session_mode_per_tenant() {
             message(&e)
         );
     }
+    // The same through the extended protocol (a query with parameters; JDBC, tokio-postgres
+    // and pipelines send every query so): refused at its Parse, the rest of the batch dropped.
+    let e = c
+        .query("select pg_advisory_lock($1)", &[&7i64])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e}");
+    let e = c.execute("LISTEN events", &[]).await.unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e}");
+    let e = c
+        .query("declare d cursor with hold for select $1::int", &[&1i32])
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "0A000", "{e}");
     // The connection stays usable, and the transaction-scoped lock works.
     c.simple_query("select pg_advisory_xact_lock(7)")
         .await
         .unwrap();
+    let got: bool = c
+        .query_one("select pg_try_advisory_xact_lock($1)", &[&7i64])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        got,
+        "the transaction-scoped lock through the extended protocol"
+    );
+    // Nothing refused reached a server: no server session holds lock 7 (the router holds
+    // locks of its own in the catalog, on this pod too).
+    let held: Option<String> = c
+        .query_one(
+            "select string_agg(format('pid %s key %s: %s', l.pid, l.objid, a.query), '; ') \
+             from pg_locks l join pg_stat_activity a using (pid) \
+             where l.locktype = 'advisory' and l.objid = 7 and l.pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, None, "advisory locks held by server sessions");
     // Switch the tenant to session mode: new sessions may LISTEN.
     let t = f
         .fleet()
