@@ -88,6 +88,12 @@ fn with_placeholder_deallocate(body: &[u8]) -> Bytes {
     b.freeze()
 }
 
+/// The server-side name of the statement `key`: `pr_<32 hex>`.
+fn server_name(key: &Key) -> String {
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    format!("pr_{hex}")
+}
+
 /// One statement as a client prepared it.
 #[derive(Debug)]
 pub struct Statement {
@@ -112,10 +118,9 @@ impl Statement {
         };
         let digest = Sha256::digest(&body);
         let key: Key = digest[..16].try_into().expect("16 bytes");
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         Statement {
             key,
-            name: format!("pr_{hex}"),
+            name: server_name(&key),
             effect,
             body,
         }
@@ -623,7 +628,7 @@ fn prepare(
 ) {
     evict_if_full(out, server, replies);
     if server.unsure.remove(&stmt.key) {
-        close(&stmt.key, out, replies);
+        close(&stmt.name, out, replies);
     }
     put_message(out, b'P', &[stmt.name.as_bytes(), b"\0", &stmt.body]);
     server.insert(stmt.key);
@@ -634,10 +639,9 @@ fn prepare(
     });
 }
 
-/// Closes the server statement `key`; the reply is dropped.
-fn close(key: &Key, out: &mut BytesMut, replies: &mut Replies) {
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    put_message(out, b'C', &[b"S", format!("pr_{hex}").as_bytes(), b"\0"]);
+/// Closes the server statement `name`; the reply is dropped.
+fn close(name: &str, out: &mut BytesMut, replies: &mut Replies) {
+    put_message(out, b'C', &[b"S", name.as_bytes(), b"\0"]);
     replies.push(Reply::Swallow, Ends::Tag(b'3'));
 }
 
@@ -657,7 +661,7 @@ fn evict_if_full(out: &mut BytesMut, server: &mut ServerStatements, replies: &mu
         }),
     };
     if let Some(k) = victim {
-        close(&k, out, replies);
+        close(&server_name(&k), out, replies);
     }
 }
 
@@ -671,8 +675,7 @@ fn deallocating(
     out: &mut BytesMut,
     replies: &mut Replies,
 ) -> Learn {
-    put_message(out, b'C', &[b"S", PLACEHOLDER.as_bytes(), b"\0"]);
-    replies.push(Reply::Swallow, Ends::Tag(b'3'));
+    close(PLACEHOLDER, out, replies);
     put_message(out, b'P', &[PLACEHOLDER.as_bytes(), b"\0\0\0\0"]);
     replies.push(Reply::Swallow, Ends::Tag(b'1'));
     match stmts.by_name.get(name) {
